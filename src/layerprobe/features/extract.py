@@ -1,0 +1,156 @@
+"""Backbone -> feature store, through Lightning's predict loop.
+
+Each task's examples are cut into fixed shards (the unit of resume). The predict loop
+hands one shard per step to `FeatureExtractor`, which runs the backbone in length-sorted
+micro-batches (less padding) with every layer captured in one forward; `ShardWriter`
+writes the shard atomically as soon as it is done, so nothing accumulates in RAM and an
+interrupted run resumes from the finished shards. Under DDP, Lightning's distributed
+sampler gives each rank its own shards.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from layerprobe.backbone import LayerCapture, check_checkpoint, checkpoint_identity, load_backbone
+from layerprobe.features.store import FeatureStore, fingerprint
+from layerprobe.tasks import TaskData
+
+log = logging.getLogger(__name__)
+
+# Settings that change the numbers; everything else (batch size, shard size) does not.
+FINGERPRINT_KEYS = ("pooling", "max_length", "truncation_side", "dtype", "final_norm", "store_dtype")
+
+
+class ShardDataset(Dataset):
+    def __init__(self, shards: list[tuple[int, list[str]]]):
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i):
+        return self.shards[i]
+
+
+class FeatureExtractor(L.LightningModule):
+    """Wraps a frozen backbone; predict_step turns a shard of prompts into [n, L+1, d]."""
+
+    def __init__(self, backbone, tokenizer, cfg):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.tokenizer.truncation_side = cfg.truncation_side
+        self.truncated = 0
+
+    def predict_step(self, batch, batch_idx):
+        shard_index, texts = batch
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        self.truncated += sum(n > self.cfg.max_length for n in lengths)
+        order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
+        out = torch.empty(0)
+        with LayerCapture(self.backbone, self.cfg.pooling, self.cfg.final_norm) as capture:
+            for start in range(0, len(texts), self.cfg.batch_size):
+                idx = order[start : start + self.cfg.batch_size]
+                enc = self.tokenizer(
+                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+                ).to(self.device)
+                feats = capture(enc["input_ids"], enc["attention_mask"])
+                if out.numel() == 0:
+                    out = torch.empty((len(texts),) + feats.shape[1:], dtype=torch.float32)
+                out[torch.as_tensor(idx)] = feats.float().cpu()
+        return shard_index, out.numpy().astype(self.cfg.store_dtype, copy=False)
+
+
+class ShardWriter(BasePredictionWriter):
+    def __init__(self, store: FeatureStore):
+        super().__init__(write_interval="batch")
+        self.store = store
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        shard_index, features = prediction
+        self.store.write_shard(shard_index, features)
+
+
+def _single_item(batch):
+    return batch[0]
+
+
+def extraction_settings(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+
+
+def store_for(cache_dir: Path, identity: dict, task: TaskData, cfg) -> FeatureStore:
+    fp = fingerprint({"checkpoint": identity, "task": task.content_hash(), "settings": extraction_settings(cfg)})
+    return FeatureStore(Path(cache_dir) / "features" / fp)
+
+
+def make_trainer(trainer_cfg: dict, callbacks: list, progress: bool = True) -> L.Trainer:
+    options = {k: v for k, v in trainer_cfg.items() if k not in {"max_epochs"}}
+    return L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        callbacks=callbacks,
+        **options,
+    )
+
+
+def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureStore, cfg, trainer_cfg: dict, role: str, meta: dict):
+    texts = [ex.text for ex in task.examples]
+    bounds = list(range(0, len(texts), cfg.shard_size))
+    done = store.finished_shards()
+    todo = [(i, texts[start : start + cfg.shard_size]) for i, start in enumerate(bounds) if i not in done]
+    if done:
+        log.info("resuming %s/%s: %d of %d shards already on disk", role, task.name, len(bounds) - len(todo), len(bounds))
+    if todo:
+        loader = DataLoader(ShardDataset(todo), batch_size=1, collate_fn=_single_item, shuffle=False)
+        trainer = make_trainer(trainer_cfg, [ShardWriter(store)])
+        trainer.predict(extractor, loader, return_predictions=False)
+        if extractor.truncated:
+            log.warning("%s/%s: %d prompts longer than extract.max_length=%d were cut on the %s", role, task.name,
+                        extractor.truncated, cfg.max_length, cfg.truncation_side)
+            extractor.truncated = 0
+    store.finalize(task.ids, len(bounds), meta, role)
+
+
+def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trainer_cfg: dict, cache_dir: Path,
+                    revision=None, trust_remote_code: bool = False) -> dict[str, FeatureStore]:
+    """Make sure every task has a complete store for this model; run the backbone only if needed.
+
+    A file lock per store lets concurrent jobs share the cache: one extracts, the others
+    wait and then read. The lock is an OS lock, released if its holder dies.
+    """
+    check_checkpoint(checkpoint, role)
+    identity = checkpoint_identity(checkpoint, revision)
+    stores = {t.name: store_for(cache_dir, identity, t, cfg) for t in tasks}
+    missing = [t for t in tasks if not stores[t.name].complete]
+    for t in tasks:
+        if t not in missing:
+            log.info("features %s/%s: cached at %s, backbone not run", role, t.name, stores[t.name].root)
+    if not missing:
+        return stores
+    backbone, tokenizer = load_backbone(checkpoint, cfg.dtype, "cpu", trust_remote_code, revision)
+    extractor = FeatureExtractor(backbone, tokenizer, cfg)
+    for task in missing:
+        store = stores[task.name]
+        store.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(store.root) + ".lock"):
+            if store.complete:  # another job finished it while we waited
+                continue
+            log.info("extracting %s/%s: %d examples -> %s", role, task.name, len(task.examples), store.root)
+            meta = {"role": role, "task": task.name, "checkpoint": identity, "settings": extraction_settings(cfg),
+                    "fingerprint": store.root.name, "extract_config": asdict(cfg)}
+            run_extraction(extractor, task, store, cfg, trainer_cfg, role, meta)
+    del extractor, backbone
+    return stores
