@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from layerprobe.cli import check_group_choices, exit_on_user_error
 from layerprobe.config import register_configs
+from layerprobe.distributed import check_sweep_argv, rank_zero_reports
 
 register_configs()
 
@@ -22,9 +23,11 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     from layerprobe.pipeline import run
 
-    exit_on_user_error(lambda: run(cfg, Path(HydraConfig.get().runtime.output_dir)))
+    # ranks > 0 of a multi-device run re-run this command; rank 0 alone reports user errors
+    exit_on_user_error(lambda: rank_zero_reports(lambda: run(cfg, Path(HydraConfig.get().runtime.output_dir))))
 
 
 if __name__ == "__main__":
     exit_on_user_error(lambda: check_group_choices(sys.argv[1:]))
+    exit_on_user_error(lambda: check_sweep_argv(sys.argv[1:]))  # -m with devices > 1: see docs/scaling.md
     main()

@@ -54,6 +54,15 @@ def test_fingerprint_changes_with_every_setting(llama_dir, task, tmp_path):
     assert store_for(tmp_path, {**identity, "content": "other weights"}, task, base).root != root
 
 
+def test_checkpoint_identity_follows_the_weights_not_the_path(tmp_path):
+    from conftest import tiny_llama
+
+    first = checkpoint_identity(str(tiny_llama(tmp_path / "m", seed=0)))
+    assert checkpoint_identity(str(tmp_path / "m")) == first  # stable
+    second = checkpoint_identity(str(tiny_llama(tmp_path / "m", seed=1)))  # same path, new weights
+    assert second["content"] != first["content"]
+
+
 def test_second_run_does_not_touch_the_backbone(llama_dir, task, tmp_path, monkeypatch, caplog):
     cfg = ExtractConfig(shard_size=16)
     ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path)

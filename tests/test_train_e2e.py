@@ -99,3 +99,20 @@ def test_layers_out_of_range_from_the_command_line(tmp_path):
     assert proc.returncode != 0
     assert "error: probe.layers=[7] is out of range: model 'base' has layers 0..3" in proc.stderr
     assert not (tmp_path / "out" / "probes.csv").exists()
+
+
+def test_all_similarity_measures_with_cis_and_full_matrices(tmp_path):
+    measures = ["linear_cka", "debiased_cka", "rbf_cka", "svcca", "pwcca", "procrustes", "mutual_knn"]
+    cfg = compose_train(TINY + [f"paths.cache_dir={tmp_path / 'cache'}", f"similarity.measures=[{','.join(measures)}]",
+                                "similarity.cross_layer=true", "similarity.bootstrap=10", "similarity.permutations=10",
+                                "task.tasks=[sentiment]", "task.n_per_task=200"])
+    out = run(cfg, tmp_path / "run")["outputs"]
+    sim = read_csv(out["similarity"])
+    assert {r["measure"] for r in sim} == set(measures)
+    linear = {(r["layer_a"], r["layer_b"]) for r in sim if r["measure"] == "linear_cka"}
+    assert linear == {(str(a), str(b)) for a in range(3) for b in range(3)}  # the full layer x layer matrix
+    finite = [r for r in sim if r["measure"] == "debiased_cka" and r["layer_a"] == r["layer_b"] == "2"]
+    assert finite and all(r["ci_low"] != "" and r["null_mean"] != "" for r in finite)
+    assert float(finite[0]["ci_low"]) <= float(finite[0]["value"]) <= float(finite[0]["ci_high"])
+    diagnostics = read_csv(out["diagnostics"])
+    assert {"top_dim_variance_share"} <= {r["diagnostic"] for r in diagnostics}

@@ -113,7 +113,10 @@ class LayerCapture:
             raise BackboneError(f"extract.final_norm=true but {type(model).__name__} has no final norm I can find")
         self.num_layers = len(self.blocks) + 1
         params = inspect.signature(model.forward).parameters
-        self.accepts_position_ids = "position_ids" in params
+        # RoBERTa-style embeddings number positions from the pad id on (padding_idx + 1 ...) and
+        # derive them from input_ids themselves; 0-based ids would shift them.
+        own_positions = hasattr(getattr(model, "embeddings", None), "padding_idx")
+        self.accepts_position_ids = "position_ids" in params and not own_positions
         self.accepts_use_cache = "use_cache" in params
         self.mask: torch.Tensor | None = None
         self.pooled: list[torch.Tensor | None] = [None] * self.num_layers
@@ -141,9 +144,13 @@ class LayerCapture:
         self._handles.clear()
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """One forward; returns pooled features [batch, L+1, d] in float32."""
-        self.mask = attention_mask
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward; returns pooled features [batch, L+1, d] in float32.
+
+        pool_mask: the tokens pooled over (default: the non-pad tokens); the extractor passes the
+        tokens of the user's prompt (layerprobe.prompting), so chat markup is never pooled.
+        """
+        self.mask = attention_mask if pool_mask is None else pool_mask
         self.pooled = [None] * self.num_layers
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.accepts_position_ids:
@@ -203,8 +210,13 @@ def checkpoint_identity(path_or_id: str, revision: str | None = None) -> dict:
     return {"kind": "hub", "id": path_or_id, "commit": Path(snapshot).name}
 
 
-def load_backbone(path_or_id: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False, revision=None):
-    """Load a frozen, eval-mode backbone and its tokenizer (with a pad token)."""
+def load_backbone(path_or_id: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False, revision=None,
+                  device_map=None):
+    """Load a frozen, eval-mode backbone and its tokenizer (with a pad token).
+
+    device_map (e.g. "auto"): accelerate places the model over the visible GPUs and it is not
+    moved afterwards. A memory estimate is logged before the weights are read.
+    """
     import transformers
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -217,9 +229,15 @@ def load_backbone(path_or_id: str, dtype: str = "float32", device: str = "cpu", 
     if getattr(config, "is_encoder_decoder", False):
         raise BackboneError(f"'{path_or_id}' is an encoder-decoder model; layerprobe captures decoder-only or encoder-only stacks")
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    from layerprobe.modelsets import log_memory_estimate
+
+    log_memory_estimate(path_or_id, config, dtype, device_map, trust_remote_code)
+    placement = {"device_map": device_map} if device_map else {}
     with quiet_transformers():  # AutoModel drops the LM head of causal checkpoints: expected, not news
-        model = AutoModel.from_pretrained(path_or_id, config=config, **{dtype_key: DTYPES[dtype]}, **kwargs)
-    model.eval().requires_grad_(False).to(device)
+        model = AutoModel.from_pretrained(path_or_id, config=config, **{dtype_key: DTYPES[dtype]}, **placement, **kwargs)
+    model.eval().requires_grad_(False)
+    if not device_map:
+        model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     ensure_pad_token(tokenizer)
     return model, tokenizer

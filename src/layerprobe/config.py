@@ -69,11 +69,24 @@ class ModelConfig:
     demo: DemoModelConfig = field(default_factory=DemoModelConfig)
     revision: Optional[str] = None
     trust_remote_code: bool = False
+    # Prompting and loading (docs/models.md). chat_roles: roles whose prompts are wrapped in their
+    # tokenizer's chat template, e.g. [tuned]; every role is still read at the end of the user's prompt.
+    chat_roles: List[str] = field(default_factory=list)
+    system_prompt: Optional[str] = None  # system message for chat-template roles (null = none)
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16; null = extract.dtype
+    device_map: Optional[str] = None  # e.g. auto: accelerate spreads each model over the visible GPUs
 
     def __post_init__(self):
         if not self.build_demo and (not self.base or not self.tuned):
             raise ConfigError("model.base and model.tuned are required (hub id or local path), e.g. model=smollm2 or model.base=PATH")
+        if self.dtype is not None:
+            _one_of("model.dtype", self.dtype, ["float32", "bfloat16", "float16"])
         roles = self.roles()
+        if isinstance(self.chat_roles, str):
+            self.chat_roles = [self.chat_roles]
+        unknown = sorted(set(self.chat_roles or []) - set(roles))
+        if unknown:
+            raise ConfigError(f"model.chat_roles names role(s) {unknown}; the roles are {sorted(roles)}")
         for pair in self.pairs or []:
             if len(pair) != 2 or any(r not in roles for r in pair):
                 raise ConfigError(f"model.pairs entry {list(pair)} must name two roles from {sorted(roles)}")
@@ -90,7 +103,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "demo"
-    source: str = "demo"  # demo | file | hf
+    source: str = "demo"  # demo | file | hf | flan
     tasks: Optional[List[str]] = None  # subset of the suite (None = all)
     fractions: List[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train / val / test
     split_seed: int = 0
@@ -109,9 +122,23 @@ class TaskConfig:
     cluster: str = "custom"
     seen: bool = True
     max_examples: Optional[int] = None  # per task, seeded sample
+    # flan (docs/tasks.md): the Flan 2021 suite in the inputs / targets / task layout
+    data_files: Optional[Any] = None  # local json/jsonl/parquet file(s); null = task.path through datasets
+    target: str = "default"  # default (per task, docs/tasks.md) | label | answer_token | task_id | cluster_id
+    target_overrides: Dict[str, str] = field(default_factory=dict)  # {task: target}
+    answer_top_k: int = 8  # answer_token: the k most frequent first answer tokens, plus "other"
+    max_per_cluster: Optional[int] = None  # shared evenly by the selected tasks of each cluster
 
     def __post_init__(self):
-        _one_of("task.source", self.source, ["demo", "file", "hf"])
+        _one_of("task.source", self.source, ["demo", "file", "hf", "flan"])
+        targets = ["default", "label", "answer_token", "task_id", "cluster_id"]
+        _one_of("task.target", self.target, targets)
+        for name, target in (self.target_overrides or {}).items():
+            _one_of(f"task.target_overrides.{name}", target, targets)
+        if self.answer_top_k < 1 or (self.max_per_cluster is not None and self.max_per_cluster < 1):
+            raise ConfigError("task.answer_top_k and task.max_per_cluster must be >= 1")
+        if isinstance(self.data_files, str):
+            self.data_files = [self.data_files]
         if len(self.fractions) != 3 or any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
             raise ConfigError(f"task.fractions={list(self.fractions)} must be 3 non-negative numbers summing to 1")
         if self.tasks is not None and isinstance(self.tasks, str):
@@ -120,7 +147,7 @@ class TaskConfig:
 
 @dataclass
 class ExtractConfig:
-    pooling: str = "last"  # last non-pad token | mean over non-pad tokens | first non-pad token
+    pooling: str = "last"  # over the user's prompt tokens (layerprobe.prompting): last | mean | first
     max_length: int = 256  # tokens; longer prompts are truncated on `truncation_side`
     truncation_side: str = "left"  # keep the end of the prompt, where the answer is produced
     dtype: str = "float32"  # backbone dtype: float32 | bfloat16 | float16

@@ -3,7 +3,7 @@
     tasks = load_tasks(...)                       # examples with fixed-seed splits
     stores = ensure_features(role, ...)          # one backbone forward per example, cached
     probes.csv     <- fit_probes(task, features)  # all layers (and models) in one fit
-    similarity.csv <- similarity_rows(task, test features)
+    similarity.csv <- similarity_rows(task, test features)   (+ similarity_diagnostics.csv)
     report/        <- layerprobe.analysis.write_report([run_dir])
 
 Outputs are written only when every task has finished, each file atomically, so a failed
@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +24,21 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from layerprobe.config import (ExtractConfig, ModelConfig, PathsConfig, ProbeConfig, TaskConfig, to_dataclass)
+from layerprobe.distributed import launch
 from layerprobe.features.extract import ensure_features
 from layerprobe.features.store import FeatureError, atomic_write_bytes
+from layerprobe.modelsets import check_placement, extract_settings_for
+from layerprobe.prompting import prepare_prompts
 from layerprobe.probes import fit_probes
-from layerprobe.similarity import SimilarityConfig, similarity_rows
+from layerprobe.similarity import DIAGNOSTIC_KEYS, SimilarityConfig, SimilarityWarning, diagnostics_rows, similarity_rows
 from layerprobe.tasks import TaskData, load_tasks
 
 log = logging.getLogger(__name__)
 
 PROBE_COLUMNS = ["task", "model", "layer", "split", "metric", "value", "seed", "probe"]
-SIMILARITY_COLUMNS = ["task", "model_a", "model_b", "layer_a", "layer_b", "measure", "value", "ci_low", "ci_high", "null_mean"]
-TASK_COLUMNS = ["task", "cluster", "seen", "num_classes", "n_train", "n_val", "n_test", "source"]
+SIMILARITY_COLUMNS = ["task", "model_a", "model_b", "layer_a", "layer_b", "measure", "value", "ci_low", "ci_high", "null_mean",
+                      "p_value", "n"]
+TASK_COLUMNS = ["task", "cluster", "seen", "num_classes", "n_train", "n_val", "n_test", "source", "target"]
 
 
 @dataclass
@@ -86,7 +91,8 @@ def task_rows(tasks: list[TaskData]) -> list[dict]:
     for t in tasks:
         sizes = t.split_sizes()
         rows.append({"task": t.name, "cluster": t.cluster, "seen": str(t.seen).lower(), "num_classes": t.num_classes,
-                     "n_train": sizes["train"], "n_val": sizes["val"], "n_test": sizes["test"], "source": t.source})
+                     "n_train": sizes["train"], "n_val": sizes["val"], "n_test": sizes["test"], "source": t.source,
+                     "target": t.meta.get("target", "label")})
     return rows
 
 
@@ -99,16 +105,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tasks = load_tasks(s.task)
     log.info("%d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))
     checkpoints = resolve_checkpoints(s, cache_dir)
+    check_placement(s.model, s.trainer)
+    prompts = prepare_prompts(s.model, checkpoints)  # chat template per role, checked before any backbone runs
+    extract_cfg = extract_settings_for(s.model, s.extract)  # model.dtype overrides extract.dtype
+    # trainer.devices > 1: Lightning starts ranks 1..N-1 here; they re-run this command into the same run dir
+    ranks = launch(s.trainer)
+    s.trainer = ranks.trainer_cfg  # in a local parallel sweep: the GPU leased to this job
     stores = {
-        role: ensure_features(role, path, tasks, s.extract, s.trainer, cache_dir, s.model.revision, s.model.trust_remote_code)
+        role: ensure_features(role, path, tasks, extract_cfg, s.trainer, cache_dir, s.model.revision, s.model.trust_remote_code,
+                              prompt=prompts[role], device_map=s.model.device_map, ranks=ranks)
         for role, path in checkpoints.items()
     }
 
     from rich.progress import Progress
 
-    probe_rows, sim_rows = [], []
+    probe_rows, sim_rows, diagnostic_rows = [], [], []
+    notes: dict[str, list[str]] = {}
     pairs = s.model.role_pairs()
-    with Progress(transient=True) as progress:
+    with Progress(transient=True, disable=not ranks.is_zero) as progress:
         bar = progress.add_task("probes + similarity", total=len(tasks))
         for task in tasks:
             progress.update(bar, description=f"probes + similarity: {task.name}")
@@ -119,13 +133,31 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                     raise FeatureError(f"store {stores[role][task.name].root} holds other example ids than task '{task.name}'; delete it and rerun")
                 features[role] = array
             probe_rows += fit_probes(task, features, s.probe, s.trainer, s.seed, run_dir / "probes")
+            if not ranks.is_zero:  # similarity, outputs and report: once, on rank 0
+                continue
             test = task.indices(s.similarity.split)
-            sim_rows += similarity_rows(task.name, {r: np.asarray(f[test]) for r, f in features.items()}, pairs,
-                                        s.similarity, ids=[task.ids[i] for i in test])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", SimilarityWarning)
+                # rows=test: only the compared rows are read from the memory-mapped stores
+                args = (task.name, features, pairs, s.similarity)
+                kwargs = {"ids": [task.ids[i] for i in test], "rows": test}
+                sim_rows += similarity_rows(*args, **kwargs)
+                diagnostic_rows += diagnostics_rows(*args, **kwargs)
+            for w in caught:
+                notes.setdefault(str(w.message), []).append(task.name)
             progress.advance(bar)
+    ranks.close()
+    if not ranks.is_zero:
+        return {"outputs": {}, "probe_rows": probe_rows, "similarity_rows": [], "tasks": tasks}
+    # One line per distinct similarity warning, naming its tasks, instead of one per task.
+    for message, names in notes.items():
+        log.warning("%s [tasks: %s]", message, ", ".join(dict.fromkeys(names)))
 
-    outputs = {"probes": run_dir / "probes.csv", "similarity": run_dir / "similarity.csv", "tasks": run_dir / "tasks.csv"}
+    outputs = {"probes": run_dir / "probes.csv", "similarity": run_dir / "similarity.csv", "tasks": run_dir / "tasks.csv",
+               "diagnostics": run_dir / "similarity_diagnostics.csv", "config": run_dir / "config_resolved.yaml"}
+    atomic_write_bytes(outputs["config"], OmegaConf.to_yaml(cfg, resolve=True).encode())
     write_csv(outputs["tasks"], task_rows(tasks), TASK_COLUMNS)
+    write_csv(outputs["diagnostics"], diagnostic_rows, list(DIAGNOSTIC_KEYS))
     write_csv(outputs["similarity"], sim_rows, SIMILARITY_COLUMNS)
     write_csv(outputs["probes"], probe_rows, PROBE_COLUMNS)  # last: its presence marks a finished run
     print_summary(tasks, probe_rows, sim_rows, list(checkpoints))
@@ -176,7 +208,9 @@ def print_summary(tasks: list[TaskData], probe_rows: list[dict], sim_rows: list[
         layers = sorted(cka.get(t.name, {}))
         if layers:
             picks = [layers[0], layers[len(layers) // 2], layers[-1]]
-            cells.append(" / ".join(f"{cka[t.name][l]:.2f}" for l in picks) + f"  (L{picks[0]}/{picks[1]}/{picks[2]})")
+            # NaN = a constant layer (e.g. layer 0 at the last token when every prompt ends alike)
+            values = ["n/a" if np.isnan(cka[t.name][l]) else f"{cka[t.name][l]:.2f}" for l in picks]
+            cells.append(" / ".join(values) + f"  (L{picks[0]}/{picks[1]}/{picks[2]})")
         else:
             cells.append("-")
         table.add_row(*cells)

@@ -105,8 +105,9 @@ def build_demo_pair(cfg, cache_dir: Path) -> tuple[Path, Path]:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         model = LlamaForCausalLM(config)
+        for stale in root.parent.glob(f".{root.name}.*.tmp"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         base_loss = _train(model, LMExamples(tokenizer, raw, None), cfg.pretrain_steps, cfg, desc="pre-training the base on raw texts")
         model.save_pretrained(tmp / "base")
         tokenizer.save_pretrained(tmp / "base")

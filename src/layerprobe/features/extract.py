@@ -16,12 +16,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from filelock import FileLock
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from layerprobe.backbone import LayerCapture, check_checkpoint, checkpoint_identity, load_backbone
+from layerprobe.distributed import Ranks
 from layerprobe.features.store import FeatureStore, fingerprint
+from layerprobe.prompting import PromptEncoder, PromptSpec
 from layerprobe.tasks import TaskData
 
 log = logging.getLogger(__name__)
@@ -42,29 +43,37 @@ class ShardDataset(Dataset):
 
 
 class FeatureExtractor(L.LightningModule):
-    """Wraps a frozen backbone; predict_step turns a shard of prompts into [n, L+1, d]."""
+    """Wraps a frozen backbone; predict_step turns a shard of prompts into [n, L+1, d].
 
-    def __init__(self, backbone, tokenizer, cfg):
+    Prompts are rendered (plain or chat template, per `prompt`) and pooled over the user's
+    prompt tokens by layerprobe.prompting.PromptEncoder. A backbone placed by accelerate
+    (model.device_map) is kept out of the module tree, so Lightning never moves it.
+    """
+
+    def __init__(self, backbone, tokenizer, cfg, prompt: PromptSpec | None = None, placed: bool = False):
         super().__init__()
-        self.backbone = backbone
+        self._placed = (backbone,) if placed or getattr(backbone, "hf_device_map", None) else ()
+        if not self._placed:
+            self.backbone = backbone
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.tokenizer.truncation_side = cfg.truncation_side
+        self.encoder = PromptEncoder(tokenizer, prompt, cfg.max_length, cfg.truncation_side)
         self.truncated = 0
 
     def predict_step(self, batch, batch_idx):
         shard_index, texts = batch
-        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
-        self.truncated += sum(n > self.cfg.max_length for n in lengths)
-        order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
+        rows = self.encoder.encode(texts)
+        self.truncated += sum(r.truncated for r in rows)
+        order = np.argsort([len(r.ids) for r in rows], kind="stable")  # similar lengths together: little padding
+        backbone = self._placed[0] if self._placed else self.backbone
+        device = backbone.get_input_embeddings().weight.device if self._placed else self.device
         out = torch.empty(0)
-        with LayerCapture(self.backbone, self.cfg.pooling, self.cfg.final_norm) as capture:
+        with LayerCapture(backbone, self.cfg.pooling, self.cfg.final_norm) as capture:
             for start in range(0, len(texts), self.cfg.batch_size):
                 idx = order[start : start + self.cfg.batch_size]
-                enc = self.tokenizer(
-                    [texts[i] for i in idx], padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
-                ).to(self.device)
-                feats = capture(enc["input_ids"], enc["attention_mask"])
+                ids, attention, prompt_tokens = (t.to(device) for t in self.encoder.pad([rows[i] for i in idx]))
+                feats = capture(ids, attention, prompt_tokens)
                 if out.numel() == 0:
                     out = torch.empty((len(texts),) + feats.shape[1:], dtype=torch.float32)
                 out[torch.as_tensor(idx)] = feats.float().cpu()
@@ -89,8 +98,9 @@ def extraction_settings(cfg) -> dict:
     return {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
 
 
-def store_for(cache_dir: Path, identity: dict, task: TaskData, cfg) -> FeatureStore:
-    fp = fingerprint({"checkpoint": identity, "task": task.content_hash(), "settings": extraction_settings(cfg)})
+def store_for(cache_dir: Path, identity: dict, task: TaskData, cfg, prompt: PromptSpec | None = None) -> FeatureStore:
+    fp = fingerprint({"checkpoint": identity, "task": task.content_hash(), "settings": extraction_settings(cfg),
+                      "prompt": (prompt or PromptSpec()).fingerprint()})
     return FeatureStore(Path(cache_dir) / "features" / fp)
 
 
@@ -106,51 +116,72 @@ def make_trainer(trainer_cfg: dict, callbacks: list, progress: bool = True) -> L
     )
 
 
-def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureStore, cfg, trainer_cfg: dict, role: str, meta: dict):
+def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureStore, cfg, trainer_cfg: dict, role: str, meta: dict,
+                   ranks: Ranks | None = None):
+    """Extract the shards not on disk yet, then consolidate the store.
+
+    Under DDP rank 0 plans (which shards are missing, in the store's recorded layout) and
+    every rank gets the plan; predict() hands each rank its own shards, every rank writes
+    them into the same store, and rank 0 consolidates once all ranks are done.
+    """
+    ranks = ranks or Ranks(trainer_cfg)
     texts = [ex.text for ex in task.examples]
-    bounds = list(range(0, len(texts), cfg.shard_size))
-    done = store.finished_shards()
-    todo = [(i, texts[start : start + cfg.shard_size]) for i, start in enumerate(bounds) if i not in done]
-    if done:
-        log.info("resuming %s/%s: %d of %d shards already on disk", role, task.name, len(bounds) - len(todo), len(bounds))
+
+    def plan():
+        size = store.shard_layout(len(texts), cfg.shard_size, ranks.world_size)  # a partial store keeps its layout
+        done = store.finished_shards()
+        return size, [i for i in range(-(-len(texts) // size)) if i not in done]
+
+    shard_size, todo = ranks.on_zero(plan)
+    num_shards = -(-len(texts) // shard_size)
+    if len(todo) < num_shards:
+        log.info("resuming %s/%s: %d of %d shards already on disk", role, task.name, num_shards - len(todo), num_shards)
     if todo:
-        loader = DataLoader(ShardDataset(todo), batch_size=1, collate_fn=_single_item, shuffle=False)
+        shards = [(i, texts[i * shard_size : (i + 1) * shard_size]) for i in todo]
+        loader = DataLoader(ShardDataset(shards), batch_size=1, collate_fn=_single_item, shuffle=False)
         trainer = make_trainer(trainer_cfg, [ShardWriter(store)])
         trainer.predict(extractor, loader, return_predictions=False)
         if extractor.truncated:
             log.warning("%s/%s: %d prompts longer than extract.max_length=%d were cut on the %s", role, task.name,
                         extractor.truncated, cfg.max_length, cfg.truncation_side)
             extractor.truncated = 0
-    store.finalize(task.ids, len(bounds), meta, role)
+    ranks.barrier()  # every rank's shards are on disk
+    ranks.on_zero(lambda: store.finalize(task.ids, num_shards, meta, role))
 
 
 def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trainer_cfg: dict, cache_dir: Path,
-                    revision=None, trust_remote_code: bool = False) -> dict[str, FeatureStore]:
+                    revision=None, trust_remote_code: bool = False, prompt: PromptSpec | None = None,
+                    device_map=None, ranks: Ranks | None = None) -> dict[str, FeatureStore]:
     """Make sure every task has a complete store for this model; run the backbone only if needed.
 
     A file lock per store lets concurrent jobs share the cache: one extracts, the others
-    wait and then read. The lock is an OS lock, released if its holder dies.
+    wait and then read. The lock is an OS lock, released if its holder dies. Under DDP
+    (`ranks` from layerprobe.distributed.launch) rank 0 decides and holds the lock for all ranks.
     """
+    ranks = ranks or Ranks(trainer_cfg)
     check_checkpoint(checkpoint, role)
     identity = checkpoint_identity(checkpoint, revision)
-    stores = {t.name: store_for(cache_dir, identity, t, cfg) for t in tasks}
-    missing = [t for t in tasks if not stores[t.name].complete]
+    stores = {t.name: store_for(cache_dir, identity, t, cfg, prompt) for t in tasks}
+    complete = ranks.broadcast([stores[t.name].complete for t in tasks])  # rank 0's view, on every rank
+    missing = [t for t, done in zip(tasks, complete) if not done]
     for t in tasks:
         if t not in missing:
             log.info("features %s/%s: cached at %s, backbone not run", role, t.name, stores[t.name].root)
     if not missing:
         return stores
-    backbone, tokenizer = load_backbone(checkpoint, cfg.dtype, "cpu", trust_remote_code, revision)
-    extractor = FeatureExtractor(backbone, tokenizer, cfg)
+    backbone, tokenizer = load_backbone(checkpoint, cfg.dtype, "cpu", trust_remote_code, revision, device_map)
+    extractor = FeatureExtractor(backbone, tokenizer, cfg, prompt, placed=bool(device_map))
     for task in missing:
         store = stores[task.name]
         store.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(store.root) + ".lock"):
-            if store.complete:  # another job finished it while we waited
+        with ranks.hold(str(store.root) + ".lock", f"features {role}/{task.name}"):
+            if ranks.broadcast(store.complete):  # another job finished it while we waited
+                log.info("features %s/%s: extracted by another job, reused", role, task.name)
                 continue
             log.info("extracting %s/%s: %d examples -> %s", role, task.name, len(task.examples), store.root)
             meta = {"role": role, "task": task.name, "checkpoint": identity, "settings": extraction_settings(cfg),
+                    "prompt": (prompt or PromptSpec()).fingerprint(),
                     "fingerprint": store.root.name, "extract_config": asdict(cfg)}
-            run_extraction(extractor, task, store, cfg, trainer_cfg, role, meta)
+            run_extraction(extractor, task, store, cfg, trainer_cfg, role, meta, ranks)
     del extractor, backbone
     return stores

@@ -2,6 +2,7 @@
 
 Layout of `<cache_dir>/features/<fingerprint>/`:
     shards/shard_00000.npy ...   written atomically (tmp file + rename) while extracting
+    layout.json                  shard size (and world size) of a partial store, fixed when it began
     features.npy                 the consolidated array, read memory-mapped
     ids.json                     example ids, row order of features.npy
     manifest.json                written LAST: its presence means the store is complete
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +25,8 @@ import numpy as np
 from layerprobe.errors import LayerprobeError
 
 STORE_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 class FeatureError(LayerprobeError):
@@ -74,6 +78,31 @@ class FeatureStore:
             return set()
         return {int(p.stem.split("_")[1]) for p in self.shard_dir.glob("shard_*.npy")}
 
+    def shard_layout(self, n: int, shard_size: int, world_size: int = 1) -> int:
+        """The shard size to extract with: a partial store keeps the one it was begun with.
+
+        Shards are fixed slices of the example list, so a resume may use any world size; a
+        different `extract.shard_size` would cut other slices, so the recorded one wins. A
+        shard whose row count does not fit the layout is deleted and extracted again.
+        """
+        path = self.root / "layout.json"
+        layout = json.loads(path.read_text()) if path.exists() else None
+        if layout is not None and layout.get("n") == n:
+            if layout["shard_size"] != shard_size or layout.get("world_size") != world_size:
+                log.info("resuming %s with its own layout (shard_size=%d, begun with world size %s; now %d, %d)",
+                         self.root.name, layout["shard_size"], layout.get("world_size"), shard_size, world_size)
+            shard_size = int(layout["shard_size"])
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, json.dumps({"n": n, "shard_size": shard_size, "world_size": world_size}).encode())
+        for i in sorted(self.finished_shards()):
+            rows = np.load(self.shard_path(i), mmap_mode="r").shape[0]
+            if rows != min(shard_size, n - i * shard_size):
+                log.warning("shard %d of %s has %d rows, not those of shard_size=%d: extracting it again",
+                            i, self.root.name, rows, shard_size)
+                self.shard_path(i).unlink()
+        return shard_size
+
     def write_shard(self, index: int, features: np.ndarray) -> None:
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(self.shard_path(index), features)
@@ -91,30 +120,34 @@ class FeatureStore:
     def finalize(self, ids: list[str], num_shards: int, meta: dict, role: str) -> None:
         """Stream the shards into one array, check every value is finite, then write the manifest.
 
-        Runs shard by shard, so peak memory is one shard whatever the number of examples.
+        Runs shard by shard with plain file writes (no memory map of the output, whose
+        written pages would count in this process's RSS), so peak memory is one shard
+        whatever the number of examples.
         """
         first = np.load(self.shard_path(0), mmap_mode="r")
         shape = (len(ids),) + first.shape[1:]
         tmp = self.root / f".features.{os.getpid()}.tmp.npy"
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=shape)
         row = 0
-        for i in range(num_shards):
-            shard = np.load(self.shard_path(i), mmap_mode="r")
-            bad = ~np.isfinite(shard)
-            if bad.any():
-                r, layer, _ = np.argwhere(bad)[0]
-                tmp.unlink(missing_ok=True)
-                raise FeatureError(
-                    f"model '{role}' produced NaN/inf features at layer {layer} for example '{ids[row + r]}' "
-                    f"(task {meta.get('task')}); check the checkpoint, or use extract.dtype=float32 if float16 overflowed"
-                )
-            out[row : row + len(shard)] = shard
-            row += len(shard)
+        with open(tmp, "wb") as out:
+            np.lib.format.write_array_header_2_0(
+                out, {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False, "shape": shape})
+            for i in range(num_shards):
+                shard = np.load(self.shard_path(i))
+                bad = ~np.isfinite(shard)
+                if bad.any():
+                    r, layer, _ = np.argwhere(bad)[0]
+                    out.close()
+                    tmp.unlink(missing_ok=True)
+                    raise FeatureError(
+                        f"model '{role}' produced NaN/inf features at layer {layer} for example '{ids[row + r]}' "
+                        f"(task {meta.get('task')}); check the checkpoint, or use extract.dtype=float32 if float16 overflowed"
+                    )
+                out.write(np.ascontiguousarray(shard, dtype=first.dtype).tobytes())
+                row += len(shard)
+                del shard, bad
         if row != len(ids):
             tmp.unlink(missing_ok=True)
             raise FeatureError(f"store {self.root} has {row} rows in its shards but {len(ids)} ids; delete it and rerun")
-        out.flush()
-        del out
         os.replace(tmp, self.root / "features.npy")
         atomic_write_bytes(self.root / "ids.json", json.dumps(ids).encode())
         manifest = {
@@ -128,3 +161,4 @@ class FeatureStore:
         atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=2).encode())
         for i in range(num_shards):  # the consolidated array replaces them
             self.shard_path(i).unlink(missing_ok=True)
+        (self.root / "layout.json").unlink(missing_ok=True)

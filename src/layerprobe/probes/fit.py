@@ -61,7 +61,10 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
     """Probe every (model, layer) of one task; returns probes.csv rows.
 
     Models whose features have the same width are trained in ONE fit, their layers side by
-    side, since they share examples and labels.
+    side, since they share examples and labels. Under DDP (`use_distributed_sampler=False`)
+    each rank trains on its slice of every one-device batch, with the loss rescaled so the
+    averaged gradient is the one-device gradient (layerprobe.distributed); every rank
+    evaluates the whole (small) val and test sets, so metrics match one device.
     """
     labels = task.labels()
     variants = [labels, control_labels(labels, cfg.control_seed)] if cfg.control else [labels]
@@ -79,12 +82,13 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
         L.seed_everything(seed, workers=True, verbose=False)
         data = CachedFeatureData(stacked, targets, split_idx, cfg.batch_size)
         module = ProbeModule(stacked.shape[1], dim, task.num_classes, len(variants), list(cfg.weight_decays),
-                             cfg.name, cfg.hidden_size, cfg.lr, cfg.patience, data.mean, data.std)
+                             kind=cfg.name, hidden=cfg.hidden_size, lr=cfg.lr, patience=cfg.patience,
+                             mean=data.mean, std=data.std)
         options = {k: v for k, v in trainer_cfg.items() if k != "max_epochs"}
         with quiet_lightning():
             trainer = L.Trainer(max_epochs=cfg.max_epochs, logger=False, enable_checkpointing=False,
                                 enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                                log_every_n_steps=1, **options)
+                                log_every_n_steps=1, use_distributed_sampler=False, **options)
             trainer.fit(module, datamodule=data)
             trainer.test(module, datamodule=data, verbose=False)
         res = module.results
@@ -101,7 +105,7 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
                 rows.append(_row(task, role, layer, "val", "accuracy", float(res["val_accuracy"][i, 0]), seed, cfg.name))
                 rows.append(_row(task, role, layer, "val", "weight_decay", float(res["weight_decay"][i, 0]), seed, cfg.name))
             offset += len(layer_lists[role])
-        if save_dir is not None:
+        if save_dir is not None and trainer.is_global_zero:  # one file, written by rank 0
             save_probe(module, save_dir / f"{task.name}__{'+'.join(roles)}.safetensors", task, roles, layer_lists)
     return rows
 

@@ -12,10 +12,25 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from layerprobe.distributed import RankSliceBatchSampler, rescale_for_ranks
 from layerprobe.probes.heads import StackedHeads
+
+
+class _Rows(Dataset):
+    """Rows of features and targets, indexed a whole batch at a time (no per-row collate)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, idx):
+        idx = torch.as_tensor(idx)
+        return self.x[idx], self.y[idx]
 
 
 class CachedFeatureData(L.LightningDataModule):
@@ -23,25 +38,34 @@ class CachedFeatureData(L.LightningDataModule):
 
     features: [n, layers, d] (already the selected layers, possibly several models side by
     side); targets: [n, V] integer labels per variant; split_idx: row indices per split.
+    Batches are gathered with one index operation each: probe steps are so cheap that a
+    per-row collate would dominate.
     """
 
     def __init__(self, features: np.ndarray, targets: np.ndarray, split_idx: dict[str, np.ndarray], batch_size: int):
         super().__init__()
         self.batch_size = batch_size
-        train = torch.from_numpy(np.asarray(features[split_idx["train"]], dtype=np.float32))
-        mean = train.double().mean(0)
-        std = train.double().std(0, unbiased=False)
+        tensors = {s: torch.from_numpy(np.asarray(features[idx], dtype=np.float32)) for s, idx in split_idx.items()}
+        train = tensors["train"]
+        # float64 sums over examples; the centred pass keeps the variance accurate in float32 data
+        mean = train.sum(0, dtype=torch.float64) / len(train)
+        var = (train - mean.float()).pow(2).sum(0, dtype=torch.float64) / len(train)
+        std = var.sqrt()
         # constant dims carry no signal: dividing by 1 keeps them at 0 instead of NaN
         self.mean, self.std = mean.float(), torch.where(std > 1e-8, std, torch.ones_like(std)).float()
-        self.data = {}
-        for split, idx in split_idx.items():
-            x = torch.from_numpy(np.asarray(features[idx], dtype=np.float32))
-            self.data[split] = TensorDataset((x - self.mean) / self.std, torch.from_numpy(targets[idx]))
+        self.data = {s: _Rows((x - self.mean) / self.std, torch.from_numpy(targets[split_idx[s]])) for s, x in tensors.items()}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.data[split], batch_size=self.batch_size, shuffle=shuffle)
+        rows = self.data[split]
+        order = RandomSampler(rows) if shuffle else SequentialSampler(rows)
+        return DataLoader(rows, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None)
 
     def train_dataloader(self):
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:  # DDP: each rank takes its slice of every global batch
+            rows = self.data["train"]
+            slices = RankSliceBatchSampler(len(rows), self.batch_size, trainer.global_rank, trainer.world_size)
+            return DataLoader(rows, sampler=slices, batch_size=None)
         return self._loader("train", True)
 
     def val_dataloader(self):
@@ -53,7 +77,7 @@ class CachedFeatureData(L.LightningDataModule):
 
 class ProbeModule(L.LightningModule):
     def __init__(self, num_layers: int, dim: int, num_classes: int, num_variants: int, weight_decays: list[float],
-                 kind: str = "linear", hidden: int = 128, lr: float = 1e-2, patience: int = 10,
+                 kind: str = "linear", hidden: int = 128, lr: float = 1e-2, patience: int = 10, min_delta: float = 1e-3,
                  mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["mean", "std"])
@@ -70,6 +94,7 @@ class ProbeModule(L.LightningModule):
         self.register_buffer("best_val_loss", torch.full((num_layers, K), float("inf")))
         self.best_state = {n: p.detach().clone() for n, p in self.heads.named_parameters()}
         self.stale_epochs = 0
+        self.epochs_run = 0
         self._val: list = []
         self._test: list = []
         self.results: dict[str, torch.Tensor] = {}
@@ -85,7 +110,7 @@ class ProbeModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self._per_head_loss(self.heads(x), y)
+        loss = rescale_for_ranks(self, self._per_head_loss(self.heads(x), y), len(y))  # one device: unchanged
         # heads are independent, so summing their losses trains each on its own objective
         total = loss.sum() + (self.wd * self.heads.sq_norms()).sum()
         self.log("train_loss", loss.mean(), prog_bar=False)
@@ -112,15 +137,19 @@ class ProbeModule(L.LightningModule):
         acc, loss = correct / counts, loss_sum / counts
         if self.trainer.sanity_checking:
             return
-        gained = acc > self.best_val_acc  # strictly better accuracy: what resets patience
-        improved = gained | ((acc == self.best_val_acc) & (loss < self.best_val_loss))
+        improved = (acc > self.best_val_acc) | ((acc == self.best_val_acc) & (loss < self.best_val_loss))
+        previous = self.best_val_acc.mean()
         self.best_val_acc = torch.where(improved, acc, self.best_val_acc)
         self.best_val_loss = torch.where(improved, loss, self.best_val_loss)
         for name, param in self.heads.named_parameters():
             shape = [1] * param.dim()
             shape[0], shape[StackedHeads.HEAD_DIM[name]] = improved.shape
             self.best_state[name] = torch.where(improved.view(shape), param.detach(), self.best_state[name].to(param.device))
-        self.stale_epochs = 0 if bool(gained.any()) else self.stale_epochs + 1
+        # Patience follows the mean best val accuracy over heads: with many heads, one of them
+        # always gains a lucky example, which would keep the fit going forever.
+        gained = self.best_val_acc.mean() > previous + self.hparams.min_delta
+        self.stale_epochs = 0 if bool(gained) else self.stale_epochs + 1
+        self.epochs_run = self.current_epoch + 1
         if self.stale_epochs >= self.hparams.patience:
             self.trainer.should_stop = True
         self.log("val_acc", acc.max(), prog_bar=False, sync_dist=False)

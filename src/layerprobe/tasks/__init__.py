@@ -10,6 +10,10 @@ def load_tasks(cfg) -> list[TaskData]:
     fractions = tuple(cfg.fractions)
     if cfg.source == "demo":
         return load_demo_suite(cfg.tasks, cfg.n_per_task, cfg.data_seed, fractions, cfg.split_seed)
+    if cfg.source == "flan":
+        from .flan import load_flan_tasks
+
+        return load_flan_tasks(cfg, fractions, cfg.split_seed)
     from .files import load_file_tasks
 
     return load_file_tasks(cfg, fractions, cfg.split_seed)

@@ -1,0 +1,140 @@
+"""The report: expected files, figures and tables; partial, empty and single-model inputs; the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from layerprobe.analysis import AnalysisConfig, AnalysisError, NoResultsError, write_report
+from layerprobe.analysis import report as report_module
+from layerprobe.analysis.synthetic import Planted, make_multirun, make_run, task_table
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANT = Planted(num_layers=8, transition_start=3, refinement_start=6)
+FAST = AnalysisConfig(bootstrap=30, dpi=40, measure="linear_cka")  # the synthetic run has cross-layer cells for linear_cka
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    run = make_run(base / "run", task_table(4, 2), PLANT, controls=True)
+    result = write_report([run], base / "report", FAST)
+    return run, base / "report", result
+
+
+def test_tiny_report_has_the_expected_files_and_figures(tiny):
+    _, out, result = tiny
+    for name in ("report.html", "report.md", "sections.json", "summary.csv", "cluster_summary.csv", "seen_unseen.csv"):
+        assert (out / name).is_file(), name
+    expected = {"sections_signal", "accuracy_heatmap", "selectivity_heatmap", "accuracy_delta_heatmap", "accuracy_by_cluster",
+                "cka_heatmap", "cka_per_task", "cka_by_cluster", "control_cka_by_cluster", "cka_layer_matrix",
+                "cka_layer_matrix_tasks", "seen_vs_unseen"}
+    assert set(result["figures"]) == expected
+    for files in result["figures"].values():
+        assert files["png"].is_file() and files["png"].parent == out / "figures"
+    assert not list(out.glob(".report-staging-*"))
+
+
+def test_html_is_self_contained(tiny):
+    _, out, result = tiny
+    html = (out / "report.html").read_text()
+    sources = re.findall(r'<img[^>]*src="([^"]+)"', html)
+    assert len(sources) == len(result["figures"])
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<table>" in html and "Cluster summary" in html and "Per-task summary" in html
+    markdown = (out / "report.md").read_text()
+    assert "](figures/sections_signal.png)" in markdown and "| task |" in markdown
+
+
+def test_sections_json_recovers_the_plant(tiny):
+    _, out, result = tiny
+    sections = json.loads((out / "sections.json").read_text())
+    assert sections == result["sections"]
+    assert sections["shared"] == [0, 2] and sections["transition"] == [3, 5] and sections["refinement"] == [6, 8]
+    assert sections["signal"] == "cka_distance"
+    assert set(sections["ci"]) >= {"level", "transition_start", "refinement_start"}
+
+
+def test_summary_matches_an_independent_computation(tiny):
+    run, out, _ = tiny
+    summary = pd.read_csv(out / "summary.csv").set_index("task")
+    probes = pd.read_csv(run / "probes.csv")
+    similarity = pd.read_csv(run / "similarity.csv")
+    for task in summary.index:
+        acc = probes[(probes.task == task) & (probes.metric == "accuracy")]
+        tuned = acc[acc.model == "tuned"].set_index("layer")["value"]
+        base = acc[acc.model == "base"].set_index("layer")["value"]
+        assert summary.loc[task, "best_layer_tuned"] == tuned.idxmax()
+        assert summary.loc[task, "best_accuracy_base"] == pytest.approx(base.max())
+        diag = similarity[(similarity.task == task) & (similarity.model_a == "base") & (similarity.model_b == "tuned")
+                          & (similarity.measure == "linear_cka") & (similarity.layer_a == similarity.layer_b)]
+        shared = diag[diag.layer_a <= 2]["value"].mean()  # shared section is layers 0-2
+        assert summary.loc[task, "cka_shared"] == pytest.approx(shared)
+        delta = (tuned - base).sort_index()
+        above = [layer for layer in delta.index if (delta.loc[layer:] > 0).all()]
+        assert summary.loc[task, "overtake_layer"] == (above[0] if above else pytest.approx(float("nan"), nan_ok=True))
+    clusters = pd.read_csv(out / "cluster_summary.csv").set_index("cluster")
+    for cluster, group in summary.groupby("cluster"):
+        assert clusters.loc[cluster, "n_tasks"] == len(group)
+        assert clusters.loc[cluster, "cka_refinement"] == pytest.approx(group["cka_refinement"].mean())
+
+
+def test_single_model_run_reports_without_sections_and_svg_option(tmp_path):
+    run = make_run(tmp_path / "run", task_table(3, 1), PLANT, models=("base",))
+    result = write_report([run], tmp_path / "out", AnalysisConfig(bootstrap=0, dpi=40, figure_format="svg"))
+    assert result["sections"]["shared"] is None and result["sections"]["reason"]
+    assert set(result["figures"]) == {"accuracy_heatmap", "selectivity_heatmap", "accuracy_by_cluster"}
+    assert all(set(files) == {"png", "svg"} and files["svg"].is_file() for files in result["figures"].values())
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_empty_input_and_failures_leave_no_report(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NoResultsError):
+        write_report([tmp_path / "empty"], tmp_path / "out")
+    assert not (tmp_path / "out" / "report.html").exists()
+    run = make_run(tmp_path / "run", task_table(2, 1), PLANT)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report_module.F, "sections_figure", broken)
+    with pytest.raises(RuntimeError):
+        write_report([run], tmp_path / "out", AnalysisConfig(bootstrap=0, dpi=40))
+    assert not (tmp_path / "out" / "report.html").exists()
+    assert not list((tmp_path / "out").glob(".report-staging-*"))
+    with pytest.raises(AnalysisError, match="no run directories"):
+        write_report([], tmp_path / "out")
+
+
+def _analyze(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "analyze.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_reports_the_latest_partial_sweep_into_its_own_dir(tmp_path):
+    make_run(tmp_path / "outputs" / "2024-01-01" / "10-00-00", task_table(2, 1), PLANT, cross_layer=False)
+    sweep = tmp_path / "multirun" / "2024-01-02" / "10-00-00"  # newer: the one analysed
+    make_multirun(sweep, task_table(2, 1), seeds=(0, 1), planted=PLANT, crashed=(1,), never_started=1)
+    out = tmp_path / "reports" / "r1"
+    done = _analyze(["bootstrap=0", "dpi=40", f"hydra.run.dir={out}"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"analyzed {sweep}" in done.stdout
+    assert "sections: shared 0–2, transition 3–5" in done.stdout
+    assert done.stdout.count("missing job:") == 2
+    html = (out / "report.html").read_text()
+    assert "Partial results: 2 job(s)" in html and "never started" in html and "crashed" in html
+
+
+def test_cli_error_is_one_line_and_nonzero(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = _analyze(["runs=empty", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no probes.csv")
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r" / "report.html").exists()
