@@ -40,7 +40,7 @@ def main():
     texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(1024)]
     task = finalize_task("bench", "bench", "", ["a", "b"], [(f"b:{i}", t, i % 2) for i, t in enumerate(texts)], (0.6, 0.2, 0.2), 0)
     cfg = ExtractConfig(batch_size=32, shard_size=256, max_length=128)
-    trainer = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False}
+    trainer = {"accelerator": "cpu", "devices": 1}
 
     # The same micro-batches the extractor forms: length-sorted within each shard.
     batches = []

@@ -52,6 +52,22 @@ def probe_values(path: Path) -> dict[tuple, float]:
         return {(r["task"], r["model"], r["layer"], r["split"], r["metric"]): float(r["value"]) for r in csv.DictReader(f)}
 
 
+def stop_after(monkeypatch, count: int) -> None:
+    """Make FeatureStore.write_shard raise once `count` shards are written (an interrupted extraction)."""
+    from layerprobe.features.store import FeatureStore
+
+    real = FeatureStore.write_shard
+    written = []
+
+    def write(self, index, features):
+        real(self, index, features)
+        written.append(index)
+        if len(written) == count:
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(FeatureStore, "write_shard", write)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

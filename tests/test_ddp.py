@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from _scaling import free_port, overrides, pair, probe_values, run_train, stores_by_role  # noqa: F401 (fixture)
+from _scaling import free_port, overrides, pair, probe_values, run_train, stop_after, stores_by_role  # noqa: F401
 from conftest import ROOT
+from layerprobe import distributed
 from layerprobe.config import register_configs
-from layerprobe.features.store import FeatureStore
+from layerprobe.distributed import DistributedError
 from layerprobe.pipeline import run
 
 register_configs()
@@ -31,19 +32,10 @@ def test_two_ranks_equal_one_device_and_resume_a_partial_store(pair, tmp_path, m
     reference = run(compose_train(overrides(pair, tmp_path / "cache1")), tmp_path / "run1")
 
     # A store begun on one device with shard_size=8 and stopped after 3 shards ...
-    written = []
-    real_write = FeatureStore.write_shard
-
-    def write_then_stop(self, index, features):
-        real_write(self, index, features)
-        written.append(index)
-        if len(written) == 3:
-            raise RuntimeError("stopped")
-
-    monkeypatch.setattr(FeatureStore, "write_shard", write_then_stop)
+    stop_after(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="stopped"):
         run(compose_train(overrides(pair, tmp_path / "cache2", "extract.shard_size=8")), tmp_path / "partial")
-    monkeypatch.setattr(FeatureStore, "write_shard", real_write)
+    monkeypatch.undo()
 
     # ... is finished by two ranks with shard_size=16 asked for: its own layout wins.
     cwd = tmp_path / "cwd"
@@ -80,7 +72,9 @@ def test_ranks_started_by_slurm_over_two_nodes_run_a_sweep(pair, tmp_path):
     """What `hydra/launcher=slurm` with trainer.num_nodes=2 does on a cluster: srun starts one
     task per node, each runs the sweep's jobs; Lightning's SLURMEnvironment joins them."""
     port, sweep = free_port(), tmp_path / "sweep"
-    args = overrides(pair, tmp_path / "cache", "trainer.num_nodes=2", "trainer.devices=1", "trainer.strategy=ddp")
+    # one shard of 120 examples for two ranks: one rank redoes it (Lightning needs a batch on every rank)
+    args = overrides(pair, tmp_path / "cache", "trainer.num_nodes=2", "trainer.devices=1", "trainer.strategy=ddp",
+                     "extract.shard_size=512")
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
@@ -102,18 +96,40 @@ def test_ranks_started_by_slurm_over_two_nodes_run_a_sweep(pair, tmp_path):
     assert len(stores_by_role(tmp_path / "cache")) == 2
 
 
-def test_sweep_with_several_devices_is_refused_locally(pair, tmp_path):
+@pytest.mark.parametrize("n, batch, world", [(37, 8, 2), (37, 8, 3), (5, 16, 2), (2, 8, 3)])
+def test_rank_slices_make_up_the_one_device_batches(n, batch, world):
+    import torch
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    from layerprobe.distributed import RankSliceBatchSampler
+
+    torch.manual_seed(0)
+    one_device = list(BatchSampler(RandomSampler(range(n)), batch, drop_last=False))
+    per_rank = []
+    for rank in range(world):
+        torch.manual_seed(0)  # seed_everything gives every rank the same RNG state
+        per_rank.append(list(RankSliceBatchSampler(n, batch, rank, world)))
+    for step, batch_ in enumerate(one_device):
+        slices = [r[step] for r in per_rank]
+        assert all(slices)  # no rank ever gets an empty batch
+        if len(batch_) >= world:  # split: every row on exactly one rank
+            assert sorted(i for s in slices for i in s) == sorted(batch_)
+        else:  # smaller than the world: whole on every rank
+            assert all(s == batch_ for s in slices)
+
+
+def test_sweep_with_several_devices_is_refused_locally(tmp_path, monkeypatch):
     # on the command line: refused before Hydra starts anything
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "seed=0,1", "trainer.devices=2"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "hydra/launcher=slurm" in errors[0]
     assert not (tmp_path / "multirun").exists()
-    # from the composed config (here an interpolation): refused inside the first job
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *overrides(pair, tmp_path / "cache"), "seed=0,1",
-                           "trainer.devices=${oc.env:LP_TEST_DEVICES}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "LP_TEST_DEVICES": "2"})
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and "-m with 2 processes per job" in errors[0], proc.stderr[-3000:]
-    assert not list((tmp_path / "sweep").rglob("probes.csv"))
+    # from the composed config (devices set in a file): refused in the job, before any rank starts
+    monkeypatch.setattr(distributed, "_in_sweep", lambda: True)
+    with pytest.raises(DistributedError, match="-m with 2 processes per job"):
+        distributed.launch({"accelerator": "cpu", "devices": 2, "strategy": "ddp"})
+    # where the cluster creates the processes (srun), the same sweep is allowed
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    distributed.check_sweep_argv(["-m", "seed=0,1", "trainer.devices=2"])

@@ -1,6 +1,7 @@
-"""Sharing one feature store between processes: one extracts while the others wait and then
-reuse it; a holder killed midway releases its lock and the next one resumes its shards;
-a partial store keeps its shard layout; each job of a local sweep gets a GPU of its own."""
+"""Sharing one feature store between processes: a lock holder killed midway releases its
+lock, one waiting process resumes its shards while the other waits again and reuses the
+result (extracted once, both succeed); a partial store keeps its shard layout; each job
+of a local sweep gets a GPU of its own."""
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from filelock import FileLock
 
+from _scaling import stop_after
 from conftest import ROOT
 from layerprobe import distributed
 from layerprobe.config import ExtractConfig, TaskConfig
@@ -24,8 +26,9 @@ from layerprobe.tasks import load_tasks
 TRAINER = {"accelerator": "cpu", "devices": 1}
 
 # One extraction process: 40 examples in 5 shards of 8. With a gate path it stops after
-# writing shard 1 (holding the store's lock) until the gate file appears. It prints the
-# shards its backbone ran; its log (stderr) says when it waits for another job.
+# writing shard 1 (holding the store's lock) until the gate file appears; with a start
+# path it begins only once that file exists (so every process can import beforehand).
+# It prints the shards its backbone ran; its log (stderr) says when it waits for another job.
 WORKER = """
 import json, logging, sys, time
 from pathlib import Path
@@ -34,7 +37,7 @@ from layerprobe.config import ExtractConfig, TaskConfig
 from layerprobe.features import extract
 from layerprobe.features.store import FeatureStore
 from layerprobe.tasks import load_tasks
-model, cache, gate = sys.argv[1], sys.argv[2], sys.argv[3]
+model, cache, gate, start_after = sys.argv[1:5]
 real_write, real_predict, ran = FeatureStore.write_shard, extract.FeatureExtractor.predict_step, []
 def write(self, index, features):
     real_write(self, index, features)
@@ -44,6 +47,8 @@ def write(self, index, features):
 FeatureStore.write_shard = write
 extract.FeatureExtractor.predict_step = lambda self, batch, i: ran.append(batch[0]) or real_predict(self, batch, i)
 task = load_tasks(TaskConfig(tasks=["sentiment"], n_per_task=40))[0]
+while start_after != "-" and not Path(start_after).exists():
+    time.sleep(0.05)
 extract.ensure_features("base", model, [task], ExtractConfig(shard_size=8, batch_size=4),
                         {"accelerator": "cpu", "devices": 1}, Path(cache))
 print(json.dumps(sorted(ran)))
@@ -55,9 +60,9 @@ def task():
     return load_tasks(TaskConfig(tasks=["sentiment"], n_per_task=40))[0]
 
 
-def start(llama_dir, cache: Path, gate: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(llama_dir), str(cache), gate], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=open(log, "w"))
+def start(llama_dir, cache: Path, gate: str, log: Path, start_after: str = "-") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(llama_dir), str(cache), gate, start_after], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=open(log, "w"))
 
 
 def wait_for(condition, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
@@ -79,49 +84,28 @@ def only_store(cache: Path) -> FeatureStore:
     return FeatureStore(root)
 
 
-def test_two_processes_extract_once_and_both_succeed(llama_dir, task, tmp_path):
+def test_killed_holder_releases_its_lock_one_waiter_resumes_the_other_reuses(llama_dir, task, tmp_path):
     cache, gate = tmp_path / "cache", str(tmp_path / "gate")
-    first = start(llama_dir, cache, gate, tmp_path / "first.log")
-    wait_for(lambda: Path(f"{gate}.1").exists(), "the first to hold the lock mid-extraction", first, tmp_path / "first.log")
-    second = start(llama_dir, cache, "-", tmp_path / "second.log")
-    wait_for(lambda: "waiting for features base/sentiment" in (tmp_path / "second.log").read_text(), "the second to wait",
-             second, tmp_path / "second.log")
-    Path(gate).touch()
-    assert finish(first, tmp_path / "first.log") == [0, 1, 2, 3, 4]
-    assert finish(second, tmp_path / "second.log") == []  # its backbone never ran
-    assert "extracted by another job, reused" in (tmp_path / "second.log").read_text()
-    reference, _ = ensure_features("base", str(llama_dir), [task], ExtractConfig(shard_size=8, batch_size=4), TRAINER,
-                                   tmp_path / "ref")["sentiment"].load()
-    np.testing.assert_array_equal(np.asarray(only_store(cache).load()[0]), np.asarray(reference))
-
-
-def test_killed_lock_holder_releases_and_the_next_resumes(llama_dir, task, tmp_path):
-    cache, gate = tmp_path / "cache", str(tmp_path / "gate")
-    holder = start(llama_dir, cache, gate, tmp_path / "holder.log")  # its gate never opens
-    wait_for(lambda: Path(f"{gate}.1").exists(), "the holder to write two shards", holder, tmp_path / "holder.log")
-    waiter = start(llama_dir, cache, "-", tmp_path / "waiter.log")
-    wait_for(lambda: "waiting for features" in (tmp_path / "waiter.log").read_text(), "the waiter to block on the lock",
-             waiter, tmp_path / "waiter.log")
+    logs = {name: tmp_path / f"{name}.log" for name in ("holder", "a", "b")}
+    holder = start(llama_dir, cache, gate, logs["holder"])  # its gate never opens
+    # the waiters start once the holder has written two shards, holding the lock
+    waiters = {name: start(llama_dir, cache, "-", logs[name], start_after=f"{gate}.1") for name in ("a", "b")}
+    wait_for(lambda: Path(f"{gate}.1").exists(), "the holder to write two shards", holder, logs["holder"])
+    for name, proc in waiters.items():
+        wait_for(lambda: "waiting for features base/sentiment" in logs[name].read_text(), "both to wait on the lock",
+                 proc, logs[name])
     holder.send_signal(signal.SIGKILL)  # dies holding the lock, mid-extraction
     holder.wait(timeout=30)
-    assert finish(waiter, tmp_path / "waiter.log") == [2, 3, 4]  # resumed from the holder's shards
-    assert "resuming base/sentiment: 2 of 5 shards already on disk" in (tmp_path / "waiter.log").read_text()
+
+    ran = {name: finish(proc, logs[name]) for name, proc in waiters.items()}  # both succeed
+    resumer = next(name for name in ran if ran[name])
+    other = "b" if resumer == "a" else "a"
+    assert ran[resumer] == [2, 3, 4] and ran[other] == []  # the holder's shards kept; extracted once
+    assert "resuming base/sentiment: 2 of 5 shards already on disk" in logs[resumer].read_text()
+    assert "extracted by another job, reused" in logs[other].read_text()
     reference, _ = ensure_features("base", str(llama_dir), [task], ExtractConfig(shard_size=8, batch_size=4), TRAINER,
                                    tmp_path / "ref")["sentiment"].load()
     np.testing.assert_array_equal(np.asarray(only_store(cache).load()[0]), np.asarray(reference))
-
-
-def stop_after(monkeypatch, count: int) -> None:
-    real = FeatureStore.write_shard
-    written = []
-
-    def write(self, index, features):
-        real(self, index, features)
-        written.append(index)
-        if len(written) == count:
-            raise RuntimeError("stopped")
-
-    monkeypatch.setattr(FeatureStore, "write_shard", write)
 
 
 def test_partial_store_keeps_its_shard_layout(llama_dir, task, tmp_path, monkeypatch, caplog):
@@ -154,7 +138,7 @@ def test_shards_that_do_not_fit_the_layout_are_extracted_again(llama_dir, task, 
 
 def test_rank_zero_waits_for_a_lock_held_elsewhere(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(distributed, "LOCK_POLL_S", 0.05)
-    other = FileLock(str(tmp_path / "store.lock"))
+    other = FileLock(str(tmp_path / "store.lock"), thread_local=False)  # another job, released from a timer thread
     other.acquire()
     threading.Timer(0.5, other.release).start()
     with caplog.at_level("INFO"):

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from layerprobe.errors import LayerprobeError
+
+# Lightning warns about a torch pytree API it calls internally: nothing a user can act on.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 CHECKED_GROUPS = ("model", "task", "probe", "extract", "similarity", "trainer", "experiment", "paths")

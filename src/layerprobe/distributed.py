@@ -5,7 +5,7 @@
     ranks = launch(trainer_cfg)   # Lightning starts ranks 1..N-1 (they re-run train.py) or
                                   # finds them (SLURM, torchrun), then joins one process group
     extraction                    # rank 0 holds the store's file lock for all ranks and decides
-                                  # which shards are missing; predict() shards them over the ranks;
+                                  # which shards are missing; rank r extracts shards r, r+N, ...;
                                   # rank 0 consolidates the store after every rank has finished
     probe fits                    # every rank; each global batch of the one-device run is split
                                   # over the ranks (RankSliceBatchSampler) and the loss rescaled,
@@ -102,12 +102,13 @@ class Ranks:
         return outcome[1]
 
     @contextmanager
-    def hold(self, lock_path: str, what: str = ""):
-        """An OS file lock, taken by rank 0 on behalf of every rank of this run.
+    def hold(self, lock_path: str, what: str = "", wait: bool = True):
+        """An OS file lock, taken by rank 0 on behalf of every rank of this run; yields True.
 
         Other runs wait for it (the OS releases it if its holder dies). Only rank 0 touches
         the lock, so ranks of one run cannot deadlock on it; while rank 0 waits, all ranks
-        meet in a broadcast every few seconds so no collective times out.
+        meet in a broadcast every few seconds so no collective times out. With wait=False a
+        lock held elsewhere yields False at once (on every rank) and nothing is held.
         """
         lock = FileLock(lock_path) if self.is_zero else None
 
@@ -121,6 +122,9 @@ class Ranks:
                 return False
 
         if not self.broadcast(attempt(0)):
+            if not wait:
+                yield False
+                return
             log.info("waiting for %s: another job holds its lock (it will be reused when that job is done)",
                      what or lock_path)
             start = time.time()
@@ -128,7 +132,7 @@ class Ranks:
                 pass
             log.info("got %s after %.0f s", what or lock_path, time.time() - start)
         try:
-            yield
+            yield True
         finally:
             if lock is not None:
                 lock.release()
@@ -175,10 +179,11 @@ def launch(trainer_cfg: dict) -> Ranks:
         return Ranks(trainer_cfg, lease=lease_gpu(trainer_cfg))
     from lightning.fabric.strategies import DDPStrategy
     from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
         requested = _fabric(trainer_cfg)
-    except (ValueError, TypeError, RuntimeError) as err:  # Lightning's MisconfigurationException is a ValueError
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
         raise DistributedError(f"trainer settings rejected by Lightning: {err}") from None
     strategy = requested.strategy
     world = getattr(strategy, "num_processes", 1) * getattr(strategy, "num_nodes", 1)
@@ -208,12 +213,22 @@ def sweep_policy_message(world: int | str) -> str:
             "multi-device jobs one by one without -m; see docs/scaling.md")
 
 
+# launcher presets -> the plugin package they need (pip install 'layerprobe[launchers]')
+LAUNCHER_PLUGINS = {"joblib": "hydra_joblib_launcher", "local": "hydra_joblib_launcher", "slurm": "hydra_submitit_launcher",
+                    "submitit_slurm": "hydra_submitit_launcher", "submitit_local": "hydra_submitit_launcher"}
+
+
 def check_sweep_argv(argv: list[str]) -> None:
-    """Fail before Hydra starts a local sweep whose jobs ask for several devices on the command line."""
-    if not {"-m", "--multirun"} & set(argv) or _cluster_creates_processes():
-        return
-    launcher = next((a.partition("=")[2] for a in argv if a.startswith("hydra/launcher=")), "basic")
-    if "slurm" in launcher:
+    """Before Hydra starts: a launcher whose plugin is missing, or a local sweep whose jobs
+    ask for several devices on the command line, is one line naming the fix."""
+    import importlib.util
+
+    launcher = next((a.partition("=")[2] for a in argv if a.lstrip("+").startswith("hydra/launcher=")), "basic")
+    plugin = LAUNCHER_PLUGINS.get(launcher)
+    if plugin and importlib.util.find_spec(f"hydra_plugins.{plugin}") is None:
+        raise DistributedError(f"hydra/launcher={launcher} needs the {plugin.replace('_', '-')} plugin: "
+                               "pip install 'layerprobe[launchers]'")
+    if not {"-m", "--multirun"} & set(argv) or "slurm" in launcher or _cluster_creates_processes():
         return
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -295,7 +310,7 @@ def lease_gpu(trainer_cfg: dict, gpu_count: int | None = None, poll_s: float = 2
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     names = visible[:gpu_count] if len(visible) >= gpu_count else [str(i) for i in range(gpu_count)]
     _gpu_lock_dir().mkdir(parents=True, exist_ok=True)
-    locks = [FileLock(str(_gpu_lock_dir() / f"gpu{name}.lock")) for name in names]
+    locks = [FileLock(str(_gpu_lock_dir() / f"gpu{name}.lock"), thread_local=False) for name in names]
     waited = False
     while True:
         for i, lock in enumerate(locks):

@@ -4,8 +4,8 @@ Each task's examples are cut into fixed shards (the unit of resume). The predict
 hands one shard per step to `FeatureExtractor`, which runs the backbone in length-sorted
 micro-batches (less padding) with every layer captured in one forward; `ShardWriter`
 writes the shard atomically as soon as it is done, so nothing accumulates in RAM and an
-interrupted run resumes from the finished shards. Under DDP, Lightning's distributed
-sampler gives each rank its own shards.
+interrupted run resumes from the finished shards. Under DDP, rank r of N extracts the
+missing shards r, r+N, r+2N, ... into the same store.
 """
 from __future__ import annotations
 
@@ -112,6 +112,7 @@ def make_trainer(trainer_cfg: dict, callbacks: list, progress: bool = True) -> L
         enable_model_summary=False,
         enable_progress_bar=progress,
         callbacks=callbacks,
+        use_distributed_sampler=False,  # under DDP the shards are already split over the ranks
         **options,
     )
 
@@ -121,8 +122,8 @@ def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureSt
     """Extract the shards not on disk yet, then consolidate the store.
 
     Under DDP rank 0 plans (which shards are missing, in the store's recorded layout) and
-    every rank gets the plan; predict() hands each rank its own shards, every rank writes
-    them into the same store, and rank 0 consolidates once all ranks are done.
+    every rank gets the plan; each rank extracts its share of the shards into the same
+    store, and rank 0 consolidates once all ranks are done.
     """
     ranks = ranks or Ranks(trainer_cfg)
     texts = [ex.text for ex in task.examples]
@@ -137,7 +138,10 @@ def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureSt
     if len(todo) < num_shards:
         log.info("resuming %s/%s: %d of %d shards already on disk", role, task.name, num_shards - len(todo), num_shards)
     if todo:
-        shards = [(i, texts[i * shard_size : (i + 1) * shard_size]) for i in todo]
+        # this rank's shards; with fewer shards than ranks, a rank redoes one (same bytes, atomic
+        # writes), since Lightning needs a batch on every rank
+        mine = todo[ranks.rank :: ranks.world_size] or [todo[ranks.rank % len(todo)]]
+        shards = [(i, texts[i * shard_size : (i + 1) * shard_size]) for i in mine]
         loader = DataLoader(ShardDataset(shards), batch_size=1, collate_fn=_single_item, shuffle=False)
         trainer = make_trainer(trainer_cfg, [ShardWriter(store)])
         trainer.predict(extractor, loader, return_predictions=False)
@@ -171,17 +175,22 @@ def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trai
         return stores
     backbone, tokenizer = load_backbone(checkpoint, cfg.dtype, "cpu", trust_remote_code, revision, device_map)
     extractor = FeatureExtractor(backbone, tokenizer, cfg, prompt, placed=bool(device_map))
-    for task in missing:
-        store = stores[task.name]
-        store.root.mkdir(parents=True, exist_ok=True)
-        with ranks.hold(str(store.root) + ".lock", f"features {role}/{task.name}"):
-            if ranks.broadcast(store.complete):  # another job finished it while we waited
-                log.info("features %s/%s: extracted by another job, reused", role, task.name)
-                continue
-            log.info("extracting %s/%s: %d examples -> %s", role, task.name, len(task.examples), store.root)
-            meta = {"role": role, "task": task.name, "checkpoint": identity, "settings": extraction_settings(cfg),
-                    "prompt": (prompt or PromptSpec()).fingerprint(),
-                    "fingerprint": store.root.name, "extract_config": asdict(cfg)}
-            run_extraction(extractor, task, store, cfg, trainer_cfg, role, meta, ranks)
+    # First the stores no other job is extracting (concurrent jobs split the work), then wait for the rest.
+    for wait in (False, True):
+        for task in list(missing):
+            store = stores[task.name]
+            store.root.mkdir(parents=True, exist_ok=True)
+            with ranks.hold(str(store.root) + ".lock", f"features {role}/{task.name}", wait=wait) as held:
+                if not held:
+                    continue
+                missing.remove(task)
+                if ranks.broadcast(store.complete):  # another job finished it while we waited
+                    log.info("features %s/%s: extracted by another job, reused", role, task.name)
+                    continue
+                log.info("extracting %s/%s: %d examples -> %s", role, task.name, len(task.examples), store.root)
+                meta = {"role": role, "task": task.name, "checkpoint": identity, "settings": extraction_settings(cfg),
+                        "prompt": (prompt or PromptSpec()).fingerprint(),
+                        "fingerprint": store.root.name, "extract_config": asdict(cfg)}
+                run_extraction(extractor, task, store, cfg, trainer_cfg, role, meta, ranks)
     del extractor, backbone
     return stores
