@@ -41,7 +41,8 @@ model, cache, gate, start_after = sys.argv[1:5]
 real_write, real_predict, ran = FeatureStore.write_shard, extract.FeatureExtractor.predict_step, []
 def write(self, index, features):
     real_write(self, index, features)
-    Path(f"{gate}.{index}").touch()
+    if gate != "-":  # "-" = no gate: leave no marker files behind
+        Path(f"{gate}.{index}").touch()
     while gate != "-" and index >= 1 and not Path(gate).exists():
         time.sleep(0.05)
 FeatureStore.write_shard = write
