@@ -104,7 +104,10 @@ def store_for(cache_dir: Path, identity: dict, task: TaskData, cfg, prompt: Prom
     return FeatureStore(Path(cache_dir) / "features" / fp)
 
 
-def make_trainer(trainer_cfg: dict, callbacks: list, progress: bool = True) -> L.Trainer:
+def make_trainer(trainer_cfg: dict, callbacks: list, progress: bool = True, **extra) -> L.Trainer:
+    """A Trainer from the user's `trainer` config, for extraction and probe fits alike: no
+    logger, checkpoints or summary (nothing here is worth saving but the outputs), and no
+    distributed sampler (under DDP, shards and probe batches are split over ranks by us)."""
     options = {k: v for k, v in trainer_cfg.items() if k not in {"max_epochs"}}
     return L.Trainer(
         logger=False,
@@ -112,7 +115,8 @@ def make_trainer(trainer_cfg: dict, callbacks: list, progress: bool = True) -> L
         enable_model_summary=False,
         enable_progress_bar=progress,
         callbacks=callbacks,
-        use_distributed_sampler=False,  # under DDP the shards are already split over the ranks
+        use_distributed_sampler=False,
+        **extra,
         **options,
     )
 

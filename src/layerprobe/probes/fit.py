@@ -12,6 +12,7 @@ import numpy as np
 
 from layerprobe.errors import LayerprobeError
 
+from layerprobe.features.extract import make_trainer
 from layerprobe.probes.module import CachedFeatureData, ProbeModule
 from layerprobe.tasks import SPLITS, TaskData
 
@@ -84,11 +85,9 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
         module = ProbeModule(stacked.shape[1], dim, task.num_classes, len(variants), list(cfg.weight_decays),
                              kind=cfg.name, hidden=cfg.hidden_size, lr=cfg.lr, patience=cfg.patience,
                              mean=data.mean, std=data.std)
-        options = {k: v for k, v in trainer_cfg.items() if k != "max_epochs"}
         with quiet_lightning():
-            trainer = L.Trainer(max_epochs=cfg.max_epochs, logger=False, enable_checkpointing=False,
-                                enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                                log_every_n_steps=1, use_distributed_sampler=False, **options)
+            trainer = make_trainer(trainer_cfg, [], progress=False, max_epochs=cfg.max_epochs,
+                                   num_sanity_val_steps=0, log_every_n_steps=1)
             trainer.fit(module, datamodule=data)
             trainer.test(module, datamodule=data, verbose=False)
         res = module.results
