@@ -5,8 +5,12 @@ The report goes to this command's own Hydra run dir (``reports/<date>/<time>`` b
 default; ``hydra.run.dir=...`` changes it). Options: conf/analyze.yaml, docs/analysis.md.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+from layerprobe.cli import analyze_template, check_overrides, exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
@@ -17,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    exit_on_user_error(lambda: check_overrides(sys.argv[1:], analyze_template(), "analyze.py"))  # unknown keys: one line
     main()

@@ -34,7 +34,7 @@ def flops_per_example(non_embedding_params: float, layers: int, d: int, tokens: 
 
 
 def non_embedding_parameters(config) -> int:
-    from layerprobe.modelsets import count_parameters
+    from layerprobe.models import count_parameters
 
     return count_parameters(config) - config.vocab_size * config.hidden_size
 

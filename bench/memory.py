@@ -50,7 +50,7 @@ def child(n: int, model_dir: str, cache_dir: str) -> None:
     cfg = ExtractConfig(batch_size=64, shard_size=512, max_length=64)
     trainer = {"accelerator": "cpu", "devices": 1}
     # Load the backbone once outside the measurement window: its weights are not data-dependent.
-    from layerprobe.backbone import load_backbone
+    from layerprobe.models import load_backbone
 
     load_backbone(model_dir)
     before = _status_mb("VmRSS")

@@ -88,6 +88,24 @@ def test_similarity_is_merged_across_file_orientations(seed_sweep):
     assert cell["n"].iloc[0] == 3
 
 
+def test_asymmetric_pwcca_rows_are_never_merged_across_argument_order():
+    from layerprobe.analysis.load import ASYMMETRIC_MEASURES, aggregate_similarity
+    from layerprobe.similarity.config import ASYMMETRIC_MEASURES as ENGINE_ASYMMETRIC
+
+    assert tuple(ASYMMETRIC_MEASURES) == tuple(ENGINE_ASYMMETRIC)  # the analysis mirrors the engine's list
+    rows = []
+    for measure, forward, backward in (("pwcca", 0.827, 0.922), ("debiased_cka", 0.5, 0.7)):
+        rows.append(dict(task="t", model_a="base", model_b="tuned", layer_a=1, layer_b=2, measure=measure, value=forward))
+        rows.append(dict(task="t", model_a="tuned", model_b="base", layer_a=2, layer_b=1, measure=measure, value=backward))
+    frame = pd.DataFrame(rows).assign(ci_low=float("nan"), ci_high=float("nan"), null_mean=float("nan"))
+    agg = aggregate_similarity(frame, 0.95)
+    pw = agg[agg["measure"] == "pwcca"].set_index(["model_a", "model_b"])
+    assert len(pw) == 2 and pw.loc[("base", "tuned"), "mean"] == pytest.approx(0.827) and pw.loc[("tuned", "base"), "mean"] == pytest.approx(0.922)
+    assert pw.loc[("tuned", "base"), "layer_a"] == 2
+    ck = agg[agg["measure"] == "debiased_cka"]
+    assert len(ck) == 1 and ck["mean"].iloc[0] == pytest.approx(0.6) and ck["n"].iloc[0] == 2  # symmetric: one comparison, two repeats
+
+
 @pytest.mark.parametrize("dof", sorted(T975))
 def test_t_quantile_matches_tables(dof):
     assert t_quantile(0.975, dof) == pytest.approx(T975[dof], abs=1e-5)

@@ -23,7 +23,7 @@ FAST = AnalysisConfig(bootstrap=30, dpi=40, measure="linear_cka")  # the synthet
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("tiny")
-    run = make_run(base / "run", task_table(4, 2), PLANT, controls=True)
+    run = make_run(base / "run", task_table(8, 2), PLANT, controls=True)  # >= 6 tasks: the section test flips tasks
     result = write_report([run], base / "report", FAST)
     return run, base / "report", result
 
@@ -33,8 +33,10 @@ def test_tiny_report_has_the_expected_files_and_figures(tiny):
     for name in ("report.html", "report.md", "sections.json", "summary.csv", "cluster_summary.csv", "seen_unseen.csv"):
         assert (out / name).is_file(), name
     expected = {"sections_signal", "accuracy_heatmap", "selectivity_heatmap", "accuracy_delta_heatmap", "accuracy_by_cluster",
-                "cka_heatmap", "cka_per_task", "cka_by_cluster", "control_cka_by_cluster", "cka_layer_matrix",
-                "cka_layer_matrix_tasks", "seen_vs_unseen"}
+                "cka_heatmap", "cka_per_task", "cka_by_cluster", "cka_layer_matrix", "cka_layer_matrix_tasks",
+                "seen_vs_unseen",
+                # the MOSSA section: the synthetic run compares tuned with each task's control model
+                "control_cka_heatmaps", "control_cka_curves", "control_cka_by_cluster_tuned"}
     assert set(result["figures"]) == expected
     for files in result["figures"].values():
         assert files["png"].is_file() and files["png"].parent == out / "figures"
@@ -57,7 +59,7 @@ def test_sections_json_recovers_the_plant(tiny):
     sections = json.loads((out / "sections.json").read_text())
     assert sections == result["sections"]
     assert sections["shared"] == [0, 2] and sections["transition"] == [3, 5] and sections["refinement"] == [6, 8]
-    assert sections["signal"] == "cka_distance"
+    assert sections["signal"] == "control_cka"  # signal=auto: the run has control models (the study's MOSSA signal)
     assert set(sections["ci"]) >= {"level", "transition_start", "refinement_start"}
 
 
@@ -99,7 +101,7 @@ def test_empty_input_and_failures_leave_no_report(tmp_path, monkeypatch):
     with pytest.raises(NoResultsError):
         write_report([tmp_path / "empty"], tmp_path / "out")
     assert not (tmp_path / "out" / "report.html").exists()
-    run = make_run(tmp_path / "run", task_table(2, 1), PLANT)
+    run = make_run(tmp_path / "run", task_table(8, 2), PLANT)  # enough tasks for the section test: the figure is drawn
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -120,7 +122,7 @@ def _analyze(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_reports_the_latest_partial_sweep_into_its_own_dir(tmp_path):
     make_run(tmp_path / "outputs" / "2024-01-01" / "10-00-00", task_table(2, 1), PLANT, cross_layer=False)
     sweep = tmp_path / "multirun" / "2024-01-02" / "10-00-00"  # newer: the one analysed
-    make_multirun(sweep, task_table(2, 1), seeds=(0, 1), planted=PLANT, crashed=(1,), never_started=1)
+    make_multirun(sweep, task_table(8, 2), seeds=(0, 1), planted=PLANT, crashed=(1,), never_started=1)  # >= 6 tasks to test sections
     out = tmp_path / "reports" / "r1"
     done = _analyze(["bootstrap=0", "dpi=40", f"hydra.run.dir={out}"], tmp_path)
     assert done.returncode == 0, done.stderr

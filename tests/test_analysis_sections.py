@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 
+import pandas as pd
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,161 @@ def test_too_few_layers_gives_a_reason_not_an_error(tmp_path):
     cfg = AnalysisConfig(bootstrap=0)
     fit, reason = detect_sections(Views.build(load_runs([run]), cfg), cfg)
     assert fit is None and "min_section_layers" in reason
+
+
+# ---------------------------------------------------------------------------- model selection
+
+
+from layerprobe.analysis import write_report  # noqa: E402
+from layerprobe.analysis.sections import KinkModels, count_sections, fit_pieces, min_tasks, sign_flips  # noqa: E402
+
+
+def _hinge_sse_bruteforce(x, y, degree, knot_sets, constant=False):
+    """Independent: least squares on [1, t, ..., t^degree, basis at each knot], min over knot sets."""
+    t = (x - x.mean()) / np.ptp(x)
+    best = np.inf
+    for knots in knot_sets:
+        cols = [t**p for p in range(degree + 1)]
+        cols += [(x >= x[k]).astype(float) if constant else np.maximum(0.0, x - x[k]) for k in knots]
+        design = np.stack(cols, axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        best = min(best, float(((design @ coef - y) ** 2).sum()))
+    return best
+
+
+@pytest.mark.parametrize("model", ["ramp", "constant"])
+def test_kink_models_match_bruteforce_least_squares(model):
+    rng = np.random.default_rng(4)
+    x = np.arange(14, dtype=float)
+    kinks = KinkModels(x, model, 2, 3)
+    for k in (2, 3):
+        tuples, _ = kinks._knot_sets(k - 1)
+        for _ in range(3):
+            y = rng.normal(size=14)
+            assert kinks.sse(k, y[None])[0] == pytest.approx(_hinge_sse_bruteforce(x, y, 3, tuples, model == "constant"), rel=1e-9, abs=1e-12)
+    y = rng.normal(size=14)
+    coef = np.polyfit(x, y, 3)
+    assert kinks.sse("smooth", y[None])[0] == pytest.approx(float(((np.polyval(coef, x) - y) ** 2).sum()), rel=1e-9)
+
+
+def test_kink_statistic_ignores_any_smooth_trend():
+    """The smooth-vs-sections statistic depends only on the non-smooth part: exactness of the sign-flip test."""
+    x = np.arange(20, dtype=float)
+    kinks = KinkModels(x, "ramp", 2, 3)
+    y = np.random.default_rng(0).normal(size=20)
+    trend = 0.3 - 0.2 * x + 0.01 * x**2 - 0.0004 * x**3
+    for k in (2, 3, 4):
+        assert kinks.sse(k, (y + trend)[None])[0] == pytest.approx(kinks.sse(k, y[None])[0], rel=1e-8)
+
+
+def test_sign_flips_enumerate_all_when_few_tasks():
+    signs, exact = sign_flips(4, np.random.default_rng(0), 1000)
+    assert exact and signs.shape == (16, 4) and len({tuple(s) for s in signs}) == 16
+    assert min_tasks(0.05) == 6 and min_tasks(0.01) == 8  # 2^-(T-1) < alpha
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_k_piece_dp_matches_exhaustive_search(k):
+    rng = np.random.default_rng(k)
+    n = 13
+    x, y = np.arange(n, dtype=float), rng.normal(size=n)
+    best = np.inf
+    for knots in itertools.combinations(range(n), k - 1):
+        bounds = [0, *knots, n - 1]
+        pieces = [(bounds[p], bounds[p + 1]) for p in range(k)]
+        # ramp: level on the first piece, lines after; sections >= 2 (knot rules of section_starts)
+        sections = [knots[0] + 1] + ([knots[1] - knots[0] - 1] if k > 2 else []) + [b - a for a, b in zip(knots[1:], knots[2:])] \
+            + [n - knots[-1] - (1 if k == 2 else 0)]
+        if min(sections) < 2:
+            continue
+        sse = _level_sse(x[: knots[0] + 1], y[: knots[0] + 1]) + sum(_line_sse(x[a : b + 1], y[a : b + 1]) for a, b in pieces[1:])
+        best = min(best, sse)
+    _, sse = fit_pieces(x, y, "ramp", k, 2)
+    assert sse == pytest.approx(best, abs=1e-9)
+
+
+def _null_curves(kind: str, n_tasks: int, layers: np.ndarray, rng) -> np.ndarray:
+    """Structureless task x layer data: smooth mean, per-task amplitude, noise correlated across layers."""
+    x = layers / layers.max()
+    mean = {"flat": 0 * x, "linear": 0.01 * layers, "saturating": 0.3 * (1 - np.exp(-3 * x))}[kind]
+    noise = rng.normal(0, 0.05, (n_tasks, len(layers)))
+    for i in range(1, len(layers)):
+        noise[:, i] = 0.7 * noise[:, i - 1] + np.sqrt(1 - 0.49) * noise[:, i]
+    return rng.uniform(0.5, 1.5, (n_tasks, 1)) * mean + noise
+
+
+@pytest.mark.parametrize("kind", ["flat", "linear", "saturating"])
+def test_structureless_curves_rarely_give_sections(kind):
+    """Rejections on 40 null data sets at alpha = 0.05: P(>= 7 of 40) < 0.01 for a calibrated test."""
+    rng = np.random.default_rng({"flat": 1, "linear": 2, "saturating": 3}[kind])
+    layers = np.arange(17)
+    found = sum(count_sections(layers, _null_curves(kind, 12, layers, rng), resamples=199, seed=i)[0] > 1 for i in range(40))
+    assert found <= 6
+
+
+def test_linear_signal_over_64_tasks_has_no_sections():
+    """The issue's case: 0.01 * layer plus noise used to give 'shared 0-1, transition 2-21'."""
+    rng = np.random.default_rng(12)
+    layers = np.arange(33)
+    values = 0.01 * layers + rng.normal(0, 0.05, (64, 33))
+    k, tests, fits = count_sections(layers, values, resamples=499, seed=0)
+    assert k == 1 and tests[0].p_value >= 0.05 and set(fits) >= {"smooth", "2_sections", "3_sections", "4_sections"}
+
+
+def test_planted_sections_are_found_with_three_sections():
+    curves = planted_curves(32, 10, 16, n_tasks=20, noise=0.05, seed=0)
+    k, tests, fits = count_sections(np.arange(33), curves, resamples=499, seed=0)
+    assert k == 3 and tests[0].p_value < 0.01 and tests[1].p_value < 0.01
+    assert abs(fits["3_sections"]["boundaries"][0] - 10) <= 1 and abs(fits["3_sections"]["boundaries"][1] - 16) <= 1
+
+
+def test_a_hockey_stick_is_two_sections():
+    rng = np.random.default_rng(5)
+    layers = np.arange(25)
+    values = 0.4 * np.maximum(0, layers - 12) / 12 + rng.normal(0, 0.03, (16, 25))
+    k, _, fits = count_sections(layers, values, resamples=499, seed=0)
+    assert k == 2 and abs(fits["2_sections"]["boundaries"][0] - 13) <= 1
+
+
+def _run_with_signal(path, signal_of_layer, n_tasks=12, seed=0):
+    """A synthetic run whose CKA(base, tuned) at layer l is 1 - signal_of_layer(l) + noise."""
+    run = make_run(path, task_table(n_tasks, 3), Planted(num_layers=16, transition_start=5, refinement_start=10), cross_layer=False)
+    sim = pd.read_csv(run / "similarity.csv")
+    rng = np.random.default_rng(seed)
+    noise = {t: rng.normal(0, 0.03, 17) for t in sim["task"].unique()}
+    diag = sim["layer_a"] == sim["layer_b"]
+    sim.loc[diag, "value"] = [1 - signal_of_layer(l) + noise[t][l] for t, l in zip(sim.loc[diag, "task"], sim.loc[diag, "layer_a"])]
+    sim.to_csv(run / "similarity.csv", index=False)
+    return run
+
+
+def test_report_on_a_structureless_run_says_found_false(tmp_path):
+    import json
+
+    run = _run_with_signal(tmp_path / "run", lambda l: 0.01 * l)
+    cfg = AnalysisConfig(bootstrap=50, dpi=40, measure="debiased_cka", signal="cka_distance", section_test_resamples=199)
+    result = write_report([run], tmp_path / "report", cfg)
+    sections = json.loads((tmp_path / "report" / "sections.json").read_text())
+    assert sections["found"] is False and sections["n_sections"] == 1 and sections["p_value"] >= 0.05
+    assert sections["shared"] is None and sections["boundaries"] == {} and sections["fit"] == {}
+    assert [c["rich"] for c in sections["test"]["comparisons"]] == ["3 sections"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "No section structure" in text
+    assert "cka_shared" not in pd.read_csv(result["tables"]["summary"]).columns
+
+
+def test_a_section_pinned_at_the_minimum_is_flagged():
+    curves = planted_curves(20, 2, 8, n_tasks=16, noise=0.02, seed=3)  # shared 0-1: exactly min_section_layers
+    from layerprobe.analysis.sections import SectionFit
+
+    start_t, start_r, _ = fit_sections(np.arange(21), curves.mean(axis=0), "ramp", 2)
+    fit = SectionFit("cka_distance", "", "ramp", list(range(21)), [], [], [], 16, 0.95, 0, found=True, n_sections=3,
+                     starts=[start_t, start_r], min_section_layers=2)
+    assert fit.sections["shared"] == [0, 1] and fit.at_minimum == ["shared"]
+
+
+def test_too_few_tasks_for_the_test_gives_a_reason(tmp_path):
+    run = make_run(tmp_path / "run", task_table(5, 2), Planted(num_layers=12, transition_start=4, refinement_start=8))
+    cfg = AnalysisConfig(bootstrap=0, signal="cka_distance")
+    fit, reason = detect_sections(Views.build(load_runs([run]), cfg), cfg)
+    assert fit is None and "6" in reason and "section_alpha" in reason

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import save_tiny, word_tokenizer
-from layerprobe.backbone import LayerCapture, find_blocks, find_final_norm, load_backbone
+from layerprobe.models import LayerCapture, find_blocks, find_final_norm, load_backbone
 
 TEXTS = ["the cat sat on the mat", "a big red dog", "two", "the small blue cat and a green dog sat"]
 

@@ -3,7 +3,7 @@ one-example-at-a-time forwards with no padding at all."""
 import pytest
 import torch
 
-from layerprobe.backbone import LayerCapture, load_backbone, pool
+from layerprobe.models import LayerCapture, load_backbone, pool
 
 TEXTS = ["the cat sat", "a big red dog was very happy on the mat", "two", "the small blue cat and a green dog sat"]
 
@@ -66,7 +66,7 @@ def test_tokenizer_without_pad_token(gpt2_dir):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    from layerprobe.backbone import BackboneError, check_checkpoint
+    from layerprobe.models import BackboneError, check_checkpoint
 
     with pytest.raises(BackboneError, match="not found.*model.base"):
         check_checkpoint(str(tmp_path / "nope"), "base")

@@ -60,7 +60,7 @@ def test_model_options_from_the_command_line():
 
 
 def test_device_map_needs_one_process():
-    from layerprobe.modelsets import PlacementError, check_placement
+    from layerprobe.models import PlacementError, check_placement
 
     model = to_dataclass(ModelConfig, compose_train(["model=llama2_7b", "model.device_map=auto"]).model)
     check_placement(model, {"devices": 1})
@@ -71,8 +71,8 @@ def test_device_map_needs_one_process():
 def test_memory_estimate_counts_parameters_without_allocating(llama_dir, caplog):
     from transformers import AutoConfig
 
-    from layerprobe.backbone import load_backbone
-    from layerprobe.modelsets import memory_estimate
+    from layerprobe.models import load_backbone
+    from layerprobe.models import memory_estimate
 
     with caplog.at_level("INFO"):
         model, _ = load_backbone(str(llama_dir))
@@ -91,7 +91,16 @@ def test_memory_estimate_counts_parameters_without_allocating(llama_dir, caplog)
 def test_layer_by_layer_experiment_composes():
     cfg = compose_train(["experiment=layer_by_layer"])
     model = to_dataclass(ModelConfig, cfg.model)
-    assert (model.base, model.tuned) == PAIRS["llama2_7b"][:2] and model.chat_roles == ["tuned"] and model.dtype == "bfloat16"
+    assert (model.base, model.tuned) == PAIRS["llama2_7b"][:2] and model.chat_roles == ["tuned", "control"] and model.dtype == "bfloat16"
+    # the study's MOSSA recipe (its public code): LoRA q,v r=8 alpha=16, lr 5e-5 cosine, 3 epochs, 4 x 4, fp16, 1024 tokens
+    from layerprobe.tuning import to_tuning_config
+    from layerprobe.tuning.data import LLAMA2_SYSTEM_PROMPT
+
+    tuning = to_tuning_config(cfg.tuning)
+    assert model.train_controls and model.system_prompt == LLAMA2_SYSTEM_PROMPT
+    assert (tuning.method, tuning.target_modules, tuning.lora_r, tuning.lora_alpha, tuning.lora_dropout) == ("lora", ["q_proj", "v_proj"], 8, 16, 0.0)
+    assert (tuning.lr, tuning.epochs, tuning.batch_size, tuning.grad_accum, tuning.precision, tuning.max_length) == (5e-5, 3, 4, 4, "16", 1024)
+    assert (tuning.loss_on, tuning.chat_template, tuning.max_per_cluster) == ("answer", "llama2", 50000)
     task = to_dataclass(TaskConfig, cfg.task)
     assert task.source == "flan" and task.tasks is None and task.target == "default" and task.max_per_cluster
     extract = to_dataclass(ExtractConfig, cfg.extract)

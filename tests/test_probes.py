@@ -1,21 +1,26 @@
 """Probes: high accuracy where the label is linearly encoded, chance where it is not,
-and the stacked heads equal independent per-layer classifiers."""
+the stacked heads equal independent per-layer classifiers, and the full-batch solver
+reaches scikit-learn's optimum."""
 import numpy as np
 import pytest
 import torch
 
-from layerprobe.config import ProbeConfig
-from layerprobe.probes import ProbeError, StackedHeads, control_labels, fit_probes, resolve_layers
+from layerprobe.config import ConfigError, ProbeConfig
+from layerprobe.probes import ProbeError, StackedHeads, fit_probes, fit_softmax_heads, resolve_layers
 from layerprobe.tasks import finalize_task
 
 TRAINER = {"accelerator": "cpu", "devices": 1}
 
 
-def synthetic_task(n=600, classes=3, seed=0):
+def synthetic_task(n=600, classes=3, seed=0, types=40):
+    """Prompts with one recurring type word each (the control task's types), labels at random."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
-    rows = [(f"syn:{i}", f"text {i}", int(y)) for i, y in enumerate(labels)]
-    return finalize_task("syn", "synthetic", "", [f"c{k}" for k in range(classes)], rows, (0.6, 0.2, 0.2), 0)
+    kinds = rng.integers(0, types, n)
+    rows = [(f"syn:{i}", f"Classify the input.\nInput: item{kinds[i]} number {i}\nAnswer:", int(y))
+            for i, y in enumerate(labels)]
+    task = finalize_task("syn", "synthetic", "", [f"c{k}" for k in range(classes)], rows, (0.6, 0.2, 0.2), 0)
+    return task, kinds
 
 
 def layered_features(task, d=16, signal_layers=(2, 3), seed=0):
@@ -29,15 +34,15 @@ def layered_features(task, d=16, signal_layers=(2, 3), seed=0):
     return feats
 
 
-def metric(rows, model, layer, name):
-    return next(r["value"] for r in rows if (r["model"], r["layer"], r["metric"], r["split"]) == (model, layer, name, "test"))
+def metric(rows, model, layer, name, split="test"):
+    return next(r["value"] for r in rows if (r["model"], r["layer"], r["metric"], r["split"]) == (model, layer, name, split))
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_probe_finds_linearly_encoded_labels_and_chance_elsewhere(kind):
-    task = synthetic_task()
+    task, _ = synthetic_task()
     feats = {"base": layered_features(task)}
-    cfg = ProbeConfig(name=kind, max_epochs=40, lr=0.01)
+    cfg = ProbeConfig(name=kind, max_epochs=40, lr=0.01, mdl=False)
     rows = fit_probes(task, feats, cfg, TRAINER, seed=0)
     chance = 1 / task.num_classes
     for layer in (2, 3):
@@ -45,17 +50,20 @@ def test_probe_finds_linearly_encoded_labels_and_chance_elsewhere(kind):
         assert metric(rows, "base", layer, "selectivity") > 0.5
     for layer in (0, 1):
         assert abs(metric(rows, "base", layer, "accuracy") - chance) < 0.12
-    for layer in range(4):  # shuffled labels carry nothing anywhere
-        assert abs(metric(rows, "base", layer, "control_accuracy") - chance) < 0.12
     test_labels = task.labels()[task.indices("test")]
     majority = np.bincount(task.labels()[task.indices("train")]).argmax()
     assert metric(rows, "base", 0, "majority_baseline") == pytest.approx((test_labels == majority).mean())
+    # the rows a run writes for every layer
+    keys = {(r["split"], r["metric"]) for r in rows if r["layer"] == 0}
+    assert keys == {("test", m) for m in ("accuracy", "macro_f1", "majority_baseline", "control_accuracy", "selectivity")} | {
+        ("val", "accuracy"), ("val", "weight_decay"), ("val", "control_accuracy"), ("train", "accuracy"),
+        ("train", "control_accuracy")}
 
 
 def test_models_probed_together_match_probed_alone():
-    task = synthetic_task(n=300)
+    task, _ = synthetic_task(n=300)
     a, b = layered_features(task, seed=1), layered_features(task, signal_layers=(1,), seed=2)
-    cfg = ProbeConfig(max_epochs=15, control=False)
+    cfg = ProbeConfig(max_epochs=15, control=False, mdl=False)
     together = fit_probes(task, {"base": a, "tuned": b}, cfg, TRAINER, seed=0)
     alone = fit_probes(task, {"tuned": b}, cfg, TRAINER, seed=0)
     # each model's layers keep their own signal when trained side by side
@@ -63,6 +71,8 @@ def test_models_probed_together_match_probed_alone():
         assert metric(rows, "tuned", 1, "accuracy") > 0.95
         assert max(metric(rows, "tuned", layer, "accuracy") for layer in (0, 2, 3)) < 0.55
     assert metric(together, "base", 2, "accuracy") > 0.95 and metric(together, "base", 1, "accuracy") < 0.55
+    for layer in range(4):  # linear probes are fitted to the optimum: side by side changes nothing
+        assert metric(together, "tuned", layer, "accuracy") == metric(alone, "tuned", layer, "accuracy")
 
 
 def test_stacked_heads_equal_independent_linear_layers():
@@ -76,14 +86,44 @@ def test_stacked_heads_equal_independent_linear_layers():
             torch.testing.assert_close(out[:, layer, k], ref)
 
 
-def test_control_labels_are_a_fixed_permutation():
-    y = np.arange(50) % 3
-    c1, c2 = control_labels(y, 7), control_labels(y, 7)
-    np.testing.assert_array_equal(c1, c2)
-    assert sorted(c1) == sorted(y) and (c1 != y).any()
+def test_full_batch_solver_reaches_the_sklearn_optimum():
+    """Every (layer, weight decay) head against scikit-learn's LogisticRegression on the same
+    objective (mean CE + wd ||W||^2 is sklearn's C = 1 / (2 n wd)), in float64."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n, d, C, layers = 200, 6, 3, 2
+    y = rng.integers(0, C, n)
+    x = rng.normal(size=(layers, n, d)) + rng.normal(size=(layers, C, d))[:, y] * np.array([0.5, 1.5])[:, None, None]
+    x[:, :, 0] *= 20  # badly scaled: the preconditioner has to deal with it
+    wds = [1e-3, 1e-2, 1e-1]
+    W, b, info = fit_softmax_heads(torch.from_numpy(x), torch.from_numpy(y).view(-1, 1), torch.ones(n, 1),
+                                   torch.tensor(wds, dtype=torch.float64), C, max_iter=500, tol=1e-12)
+    for layer in range(layers):
+        for g, wd in enumerate(wds):
+            ref = LogisticRegression(C=1 / (2 * n * wd), tol=1e-12, max_iter=10000).fit(x[layer], y)
+            np.testing.assert_allclose(W[layer, :, g].numpy(), ref.coef_.T, atol=2e-4 * np.abs(ref.coef_).max())
+            # softmax is shift invariant: compare the intercepts up to a constant
+            np.testing.assert_allclose(b[layer, g].numpy() - b[layer, g].numpy().mean(), ref.intercept_ - ref.intercept_.mean(),
+                                       atol=2e-4 * max(1.0, np.abs(ref.intercept_).max()))
 
 
 def test_layers_out_of_range_is_a_clear_error():
     assert resolve_layers([3, 1, 3], 9, "base") == [1, 3]
     with pytest.raises(ProbeError, match=r"probe.layers=\[40\].*'base' has layers 0..8"):
         resolve_layers([40], 9, "base")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mdl_fractions": [0.5, 0.25, 1.0]}, r"probe.mdl_fractions=\[0.5, 0.25, 1.0\] must increase"),
+    ({"mdl_fractions": [0.1, 0.5]}, "end at 1.0"),
+    ({"control_min_count": 1}, r"probe.control_min_count=1 must be >= 2"),
+    ({"control_max_share": 0.0}, r"probe.control_max_share=0.0 must be in \(0, 1\]"),
+    ({"weight_decays": [-1.0]}, r"probe.weight_decays=\[-1.0\] must be >= 0"),
+    ({"seeds": []}, r"probe.seeds=\[\] is empty"),
+    ({"solver_tol": 0.0}, "probe.solver_tol > 0"),
+])
+def test_bad_probe_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        ProbeConfig(**kwargs)
+    assert "\n" not in str(err.value)

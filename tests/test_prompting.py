@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from conftest import save_tiny, word_tokenizer
-from layerprobe.backbone import LayerCapture, load_backbone
+from layerprobe.models import LayerCapture, load_backbone
 from layerprobe.config import ExtractConfig, ModelConfig
 from layerprobe.features.extract import FeatureExtractor, ensure_features, store_for
-from layerprobe.prompting import PromptEncoder, PromptError, PromptSpec, make_spec, prepare_prompts, render_chat
+from layerprobe.models.prompting import PromptEncoder, PromptError, PromptSpec, make_spec, prepare_prompts, render_chat
 from layerprobe.tasks import finalize_task
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>\n{% endfor %}"

@@ -339,10 +339,133 @@ def test_procrustes_is_the_minimum_over_rotations():
     b = (y - y.mean(0)) / np.linalg.norm(y - y.mean(0))
     u, _, vt = np.linalg.svd(b.T @ a)
     best = np.linalg.norm(a - b @ (u @ vt)) ** 2  # Schonemann's solution, evaluated directly
-    assert procrustes(x, y) == pytest.approx(best, abs=1e-10)
+    assert procrustes(x, y, form="squared") == pytest.approx(best, abs=1e-10)
+    assert procrustes(x, y) == pytest.approx(math.sqrt(best), abs=1e-10)  # the metric form is the default
+    assert procrustes(x, y, form="angular") == pytest.approx(math.acos(1 - best / 2), abs=1e-10)
     for seed in range(5):
         assert np.linalg.norm(a - b @ random_orthogonal(4, seed)) ** 2 >= best - 1e-12
-    assert procrustes(x, x @ random_orthogonal(4, 7) * 3 + 1) == pytest.approx(0.0, abs=1e-9)
+    assert procrustes(x, x @ random_orthogonal(4, 7) * 3 + 1) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="form"):
+        procrustes(x, y, form="cubed")
+
+
+def test_procrustes_metric_forms_obey_the_triangle_inequality():
+    """The squared form does not: three points on a line in shape space (A, midpoint, C)."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((30, 3))
+    c = rng.standard_normal((30, 3))
+    a, c = a - a.mean(0), c - c.mean(0)
+    a, c = a / np.linalg.norm(a), c / np.linalg.norm(c)
+    b = (a + c) / 2
+    sq = {k: procrustes(*pair, form="squared") for k, pair in {"ab": (a, b), "bc": (b, c), "ac": (a, c)}.items()}
+    assert sq["ab"] + sq["bc"] < sq["ac"]  # the squared distance breaks it
+    for form in ("metric", "angular"):
+        for _ in range(30):
+            x, y, z = (rng.standard_normal((30, 3)) @ rng.standard_normal((3, 3)) for _ in range(3))
+            assert procrustes(x, z, form=form) <= procrustes(x, y, form=form) + procrustes(y, z, form=form) + 1e-12
+        assert procrustes(a, c, form=form) <= procrustes(a, b, form=form) + procrustes(b, c, form=form) + 1e-12
+
+
+def test_pwcca_weights_the_side_with_fewer_live_neurons():
+    """Morcos et al. count neurons that survive the variance filter: dead (constant) ones do not count."""
+    rng = np.random.default_rng(5)
+    x, y = make_pair(300, 4, seed=21)
+    y = np.concatenate([y, rng.standard_normal((300, 1))], axis=1)  # 5 live neurons
+    x_dead = np.concatenate([x, np.full((300, 2), 3.0)], axis=1)  # 6 columns, 4 live
+    rho, dirs = ref_cca(x, y)
+    xc = x - x.mean(0)
+    h = xc @ dirs
+    h /= np.linalg.norm(h, axis=0)
+    alpha = np.abs(h.T @ xc).sum(1)
+    expected = np.sum(alpha / alpha.sum() * rho[: len(alpha)])
+    assert pwcca(x_dead, y) == pytest.approx(expected, abs=1e-9)  # x's side, although it is wider
+    assert pwcca(y, x_dead) == pytest.approx(expected, abs=1e-9)  # the same side from the other argument order
+    assert abs(pwcca(x, y[:, :4] @ rng.standard_normal((4, 4))) - pwcca(y[:, :4], x)) >= 0  # defined both ways
+
+
+def test_rbf_bandwidth_with_many_tied_examples():
+    """75% identical rows: the all-pairs median distance is 0; the nonzero median takes over, with a warning."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((40, 5))
+    x[10:] = x[0]
+    y = x @ rng.standard_normal((5, 5)) + 0.1 * rng.standard_normal((40, 5))
+    with pytest.warns(SimilarityWarning, match="tied examples"):
+        value = cka(x, y, kernel="rbf", gram_dtype="float64")
+
+    def gram(z):
+        z = np.asarray(z, np.float64)
+        d2 = ((z[:, None] - z[None]) ** 2).sum(-1)
+        return np.exp(-d2 / (2 * np.median(d2[d2 > 0])))
+
+    assert np.isfinite(value)
+    # y has no exact ties, so its bandwidth follows Kornblith's rule; x's uses the nonzero median
+    assert value == pytest.approx(ref_cka_from_grams(gram(x), ref_rbf_gram(y), False), abs=1e-9)
+    assert cka(x, y) == pytest.approx(ref_linear(x, y), abs=1e-9)
+
+
+def test_bias_floor_for_unequal_widths_matches_simulation():
+    rng = np.random.default_rng(9)
+    n, dx, dy = 100, 20, 200
+    sims = [cka(rng.standard_normal((n, dx)), rng.standard_normal((n, dy)), gram_dtype="float64") for _ in range(60)]
+    assert np.mean(sims) == pytest.approx(bias_floor(n, dx, dy), rel=0.03)
+    assert bias_floor(n, dx, dy) == pytest.approx(math.sqrt(dx * dy / ((n + dx) * (n + dy))))
+    assert bias_floor(n, 50) == pytest.approx(50 / 150)
+    with pytest.raises(ValueError):
+        bias_floor(0, 5)
+
+
+def test_streaming_nan_policy_and_constant_layer_warning():
+    a, b = make_pair(120, 4, seed=22, layers=2)
+    a = a.copy()
+    a[7, 1, 2] = np.nan
+    with pytest.raises(ValueError, match="layer 1.*example 7"):
+        streaming_cka(a, b, batch_size=32)
+    with pytest.warns(SimilarityWarning, match="dropped 1 of 120"):
+        res = streaming_cka(a, b, batch_size=32, nan_policy="mask")
+    keep = np.arange(120) != 7
+    for l in range(2):
+        assert res["debiased_cka"][l] == pytest.approx(ref_linear(a[keep, l], b[keep, l], True), abs=1e-9)
+    assert res["n"] == 119
+    const = a[keep].copy()
+    const[:, 0] = 2.5
+    with pytest.warns(SimilarityWarning, match="constant representation"):
+        res = streaming_cka(const, b[keep], batch_size=32)
+    assert math.isnan(res["linear_cka"][0]) and np.isfinite(res["linear_cka"][1])
+    with pytest.raises(ValueError, match="nan_policy"):
+        streaming_cka(a, b, nan_policy="drop")
+
+
+def test_minibatch_layer_constant_within_a_batch_counts_as_zero():
+    """Layer a is constant in 3 of 8 batches; the reference sums per-batch U-statistics itself."""
+    rng = np.random.default_rng(10)
+    n, bs = 400, 50
+    order = np.random.default_rng(0).permutation(n)  # the documented batching: default_rng(seed), array_split
+    x = rng.standard_normal((n, 1, 6))
+    for part in np.array_split(order, n // bs)[:3]:
+        x[part] = 1.5
+    y = x + 0.5 * rng.standard_normal((n, 1, 6))
+    value = minibatch_cka(x, y, batch_size=bs, gram_dtype="float64")[0, 0]
+    sums = np.zeros(3)
+    for part in np.array_split(order, n // bs):
+        xs, ys = x[np.sort(part), 0], y[np.sort(part), 0]
+        xs, ys = xs - xs.mean(0), ys - ys.mean(0)
+        k, l = xs @ xs.T, ys @ ys.T
+        sums += [ref_hsic_unbiased(k, l), ref_hsic_unbiased(k, k), ref_hsic_unbiased(l, l)]
+    assert np.isfinite(value)
+    assert value == pytest.approx(sums[0] / math.sqrt(sums[1] * sums[2]), abs=1e-9)
+    x_nan = x.copy()
+    x_nan[3, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="example 3"):
+        minibatch_cka(x_nan, y, batch_size=bs)
+    with pytest.warns(SimilarityWarning, match="dropped 1"):
+        assert np.isfinite(minibatch_cka(x_nan, y, batch_size=bs, nan_policy="mask")[0, 0])
+    with pytest.warns(SimilarityWarning, match="constant representation"):
+        assert math.isnan(minibatch_cka(np.ones((n, 1, 3)), y, batch_size=bs)[0, 0])
+    # at most one informative row per batch: every batch's debiased self-HSIC is 0, so the estimate is undefined
+    sparse = np.zeros((n, 1, 6))
+    sparse[order[::bs][:5]] = rng.standard_normal((5, 1, 6))
+    with pytest.warns(SimilarityWarning, match="non-positive debiased self-HSIC"):
+        assert math.isnan(minibatch_cka(sparse, y, batch_size=bs)[0, 0])
 
 
 def test_mutual_knn_matches_brute_force():
@@ -428,6 +551,55 @@ def test_half_sample_interval_tracks_sampling_spread():
         values.append(row["value"])
         widths.append((row["ci_high"] - row["ci_low"]) / (2 * 1.96))
     assert 0.5 < np.mean(widths) / np.std(values, ddof=1) < 2.0
+
+
+@pytest.mark.parametrize("strength", [2.0, 0.3, 0.0])
+def test_interval_coverage_against_the_population_value(strength):
+    """Y = c X + E with X, E ~ N(0, I_d): population linear CKA = c^2 / (c^2 + 1) exactly (Sxy = cI, Syy = (c^2+1)I).
+
+    Debiased CKA's interval must cover that value; biased CKA's covers its own expectation at
+    this n (estimated by the simulation mean), which is above the population value.
+    """
+    rng = np.random.default_rng(int(strength * 10))
+    population = strength**2 / (strength**2 + 1)
+    n, d, reps = 120, 8, 100
+    hits, rows = [], []
+    for r in range(reps):
+        x = rng.standard_normal((n, 1, d))
+        y = strength * x + rng.standard_normal((n, 1, d))
+        cfg = SimilarityConfig(measures=["linear_cka", "debiased_cka"], bootstrap=150, seed=r, gram_dtype="float64")
+        out = {row["measure"]: row for row in similarity_rows("t", {"a": x, "b": y}, [("a", "b")], cfg)}
+        hits.append(out["debiased_cka"]["ci_low"] <= population <= out["debiased_cka"]["ci_high"])
+        rows.append(out["linear_cka"])
+    assert 0.90 <= np.mean(hits) <= 0.99
+    expected = np.mean([row["value"] for row in rows])
+    assert 0.90 <= np.mean([row["ci_low"] <= expected <= row["ci_high"] for row in rows]) <= 0.99
+
+
+def test_p_values_adjusted_by_holm_and_bh():
+    p = np.array([0.01, 0.04, 0.03, np.nan, 0.005])
+    m = 4
+    order = np.argsort([0.01, 0.04, 0.03, 0.005])  # independent loops over the textbook definitions
+    finite = np.array([0.01, 0.04, 0.03, 0.005])
+    holm = np.empty(m)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (m - rank) * finite[i])
+        holm[i] = min(1.0, running)
+    bh = np.empty(m)
+    for i in range(m):
+        bh[i] = min(min(m / (k + 1) * finite[order[k]] for k in range(m) if finite[order[k]] >= finite[i]), 1.0)
+    from layerprobe.similarity import adjust_p_values
+
+    np.testing.assert_allclose(adjust_p_values(p, "holm")[[0, 1, 2, 4]], holm)
+    np.testing.assert_allclose(adjust_p_values(p, "bh")[[0, 1, 2, 4]], bh)
+    assert np.isnan(adjust_p_values(p, "holm")[3])
+    feats = _features(n=40, layers=3, d=4, seed=3)
+    rows = similarity_rows("t", feats, [("base", "tuned")], SimilarityConfig(measures=["debiased_cka"], permutations=50, p_adjust="bh"))
+    raw = [r["p_value"] for r in rows]
+    np.testing.assert_allclose([r["p_adjusted"] for r in rows], adjust_p_values(raw, "bh"))
+    with pytest.raises(ValueError, match="p_adjust"):
+        SimilarityConfig(p_adjust="bonferroni")
 
 
 def test_rows_accept_memmap_and_torch(tmp_path):

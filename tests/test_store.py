@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from layerprobe.backbone import LayerCapture, checkpoint_identity, load_backbone
+from layerprobe.models import LayerCapture, checkpoint_identity, load_backbone
 from layerprobe.config import ExtractConfig
 from layerprobe.features import extract as extract_mod
 from layerprobe.features.extract import ensure_features, store_for
@@ -118,3 +118,182 @@ def test_non_finite_features_name_model_layer_and_example(tmp_path):
     with pytest.raises(FeatureError, match=r"model 'tuned'.*layer 2.*example 't:4'"):
         store.finalize(ids, 2, {"task": "t"}, "tuned")
     assert not store.complete
+
+
+# --- integrity: sizes and checksums in the manifest, damaged stores rebuilt, fsync before rename ----------
+
+
+def _reference(llama_dir, task, tmp_path, cfg):
+    store = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "ref")["sentiment"]
+    return np.array(store.load()[0])
+
+
+def _zero_rows(path, rows: slice, row_bytes: int, header: int):
+    """Overwrite rows of an .npy file with zeros in place (same size, other bytes)."""
+    with open(path, "r+b") as f:
+        f.seek(header + rows.start * row_bytes)
+        f.write(b"\0" * ((rows.stop - rows.start) * row_bytes))
+
+
+def _npy_header_len(path) -> int:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(f)
+        return f.tell()
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_manifest_records_exact_sizes_and_crc32(llama_dir, task, tmp_path):
+    import zlib
+
+    store = ensure_features("base", str(llama_dir), [task], ExtractConfig(shard_size=16), TRAINER, tmp_path)["sentiment"]
+    files = store.manifest()["files"]
+    for name in ("features.npy", "ids.json"):
+        data = (store.root / name).read_bytes()
+        assert files[name] == {"bytes": len(data), "crc32": zlib.crc32(data)}  # independent of the writer's running CRC
+    assert store.damage(verify=True) is None
+
+
+def test_truncated_features_are_refused_on_load_and_rebuilt(llama_dir, task, tmp_path, caplog):
+    cfg = ExtractConfig(shard_size=16)
+    reference = _reference(llama_dir, task, tmp_path, cfg)
+    store = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
+    path = store.root / "features.npy"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(FeatureError) as err:
+        store.load()
+    message = str(err.value)
+    assert str(store.root) in message and f"{size // 2} bytes" in message and str(size) in message
+    assert "\n" not in message and "rebuild" in message
+
+    with caplog.at_level("WARNING"):
+        rebuilt = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "damaged" in warnings[0] and "rebuilding" in warnings[0]
+    np.testing.assert_array_equal(np.asarray(rebuilt.load()[0]), reference)
+
+
+def test_same_size_corruption_is_caught_by_the_checksum_on_request(llama_dir, task, tmp_path, caplog):
+    cfg = ExtractConfig(shard_size=16)
+    reference = _reference(llama_dir, task, tmp_path, cfg)
+    store = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
+    path = store.root / "features.npy"
+    size = path.stat().st_size
+    _zero_rows(path, slice(5, 25), reference[0].nbytes, _npy_header_len(path))
+    assert path.stat().st_size == size
+    assert store.damage() is None  # sizes match: only the checksum can tell
+    with pytest.raises(FeatureError, match="checksum"):
+        store.verify()
+    with pytest.raises(FeatureError, match="checksum"):
+        store.load(verify=True)
+
+    with caplog.at_level("WARNING"):
+        rebuilt = ensure_features("base", str(llama_dir), [task], replace(cfg, verify=True), TRAINER,
+                                  tmp_path / "run")["sentiment"]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "checksum" in warnings[0] and "rebuilding" in warnings[0]
+    np.testing.assert_array_equal(np.asarray(rebuilt.load(verify=True)[0]), reference)
+
+
+def test_corrupted_shard_is_caught_at_finalize_and_extracted_again(llama_dir, task, tmp_path, monkeypatch, caplog):
+    cfg = ExtractConfig(shard_size=8, batch_size=4)
+    reference = _reference(llama_dir, task, tmp_path, cfg)
+    real_write = FeatureStore.write_shard
+
+    def write_then_die(self, index, features):
+        real_write(self, index, features)
+        if index == 1:
+            raise RuntimeError("simulated crash after two shards")
+
+    monkeypatch.setattr(FeatureStore, "write_shard", write_then_die)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")
+    monkeypatch.setattr(FeatureStore, "write_shard", real_write)
+    store = FeatureStore(next(p for p in (tmp_path / "run" / "features").iterdir() if p.is_dir()))
+    shard = store.shard_path(0)
+    _zero_rows(shard, slice(2, 6), reference[0].nbytes, _npy_header_len(shard))  # same size, rows zeroed
+
+    calls = []
+    real_predict = extract_mod.FeatureExtractor.predict_step
+    monkeypatch.setattr(extract_mod.FeatureExtractor, "predict_step",
+                        lambda self, batch, i: calls.append(batch[0]) or real_predict(self, batch, i))
+    with caplog.at_level("WARNING"):
+        resumed = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
+    assert sorted(calls) == [0, 2, 3, 4]  # the missing shards, then the damaged one again
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "shard 0: checksum mismatch" in warnings[0]
+    np.testing.assert_array_equal(np.asarray(resumed.load(verify=True)[0]), reference)
+
+
+def test_shard_damaged_again_after_its_rewrite_stops_with_one_line(llama_dir, task, tmp_path, monkeypatch):
+    cfg = ExtractConfig(shard_size=16)
+    real_write = FeatureStore.write_shard
+
+    def write_badly(self, index, features):  # a disk that corrupts every shard 1 it is given
+        real_write(self, index, features)
+        if index == 1:
+            with open(self.shard_path(index), "r+b") as f:
+                f.seek(-4, 2)
+                f.write(b"\1\2\3\4")
+
+    monkeypatch.setattr(FeatureStore, "write_shard", write_badly)
+    with pytest.raises(FeatureError) as err:
+        ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path)
+    assert "shard 1: checksum mismatch" in str(err.value) and "\n" not in str(err.value)
+    store = FeatureStore(next(p for p in (tmp_path / "features").iterdir() if p.is_dir()))
+    assert not store.complete and not (store.root / "features.npy").exists()
+
+
+def test_missing_manifest_is_rebuilt(llama_dir, task, tmp_path, monkeypatch):
+    cfg = ExtractConfig(shard_size=16)
+    reference = _reference(llama_dir, task, tmp_path, cfg)
+    store = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
+    store.manifest_path.unlink()
+    with pytest.raises(FeatureError, match="incomplete"):
+        store.load()
+    calls = []
+    real_predict = extract_mod.FeatureExtractor.predict_step
+    monkeypatch.setattr(extract_mod.FeatureExtractor, "predict_step",
+                        lambda self, batch, i: calls.append(batch[0]) or real_predict(self, batch, i))
+    rebuilt = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
+    assert sorted(calls) == [0, 1, 2]  # the backbone ran again: a store without its manifest is never read
+    np.testing.assert_array_equal(np.asarray(rebuilt.load()[0]), reference)
+
+
+def test_unreadable_manifest_is_damage_not_a_crash(llama_dir, task, tmp_path):
+    store = ensure_features("base", str(llama_dir), [task], ExtractConfig(shard_size=16), TRAINER, tmp_path)["sentiment"]
+    store.manifest_path.write_text('{"n": 4')
+    with pytest.raises(FeatureError, match="manifest.json is unreadable"):
+        store.load()
+
+
+def test_files_are_fsynced_before_the_rename_that_publishes_them(tmp_path, monkeypatch):
+    import os
+
+    synced, published = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace_(src, dst):
+        published.append((os.path.realpath(src) in synced, os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace_)
+    store = FeatureStore(tmp_path / "s")
+    store.write_shard(0, np.ones((3, 2, 4), np.float32))
+    store.write_shard(1, np.ones((2, 2, 4), np.float32))
+    store.finalize([f"t:{i}" for i in range(5)], 2, {"task": "t"}, "base")
+    names = [name for _, name in published]
+    assert {"shard_00000.npy", "shard_00000.json", "features.npy", "ids.json", "manifest.json"} <= set(names)
+    assert all(was_synced for was_synced, _ in published), published
+    assert names[-1] == "manifest.json"  # published last
+    np.testing.assert_array_equal(store.load()[0], np.ones((5, 2, 4), np.float32))

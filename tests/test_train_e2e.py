@@ -18,7 +18,7 @@ TINY = [
     "model.demo.num_layers=2", "model.demo.hidden_size=32", "model.demo.intermediate_size=64",
     "model.demo.pretrain_steps=20", "model.demo.tune_steps=20", "model.demo.examples_per_task=40",
     "task.n_per_task=60", "task.tasks=[sentiment,first_color]", "probe.max_epochs=5", "trainer.accelerator=cpu",
-    "report=false",
+    "report=false", "model.train_controls=false",  # the demo's MOSSA controls: tests/test_controls.py
 ]
 
 
@@ -38,7 +38,9 @@ def test_demo_run_writes_both_csvs_then_reuses_the_cache(tmp_path, monkeypatch):
 
     probes = read_csv(out["probes"])
     assert {"task", "model", "layer", "split", "metric", "value", "seed"} <= set(probes[0])
-    assert {r["model"] for r in probes} == {"base", "tuned"}
+    assert {r["model"] for r in probes} == {"base", "tuned", "random_init"}  # the demo's random-weights baseline
+    metrics = {(r["split"], r["metric"]) for r in probes}
+    assert {("train", "mdl"), ("train", "compression"), ("train", "control_accuracy")} <= metrics
     assert {r["layer"] for r in probes} == {"0", "1", "2"}
     test_metrics = {r["metric"] for r in probes if r["split"] == "test"}
     assert {"accuracy", "macro_f1", "control_accuracy", "selectivity", "majority_baseline"} <= test_metrics

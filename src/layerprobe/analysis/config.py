@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
-SIGNALS = ("cka_distance", "accuracy_delta", "control_cka")
+SIGNALS = ("auto", "cka_distance", "accuracy_delta", "control_cka")
 SEGMENT_MODELS = ("ramp", "linear", "constant")
 FIGURE_FORMATS = ("png", "svg", "pdf")
 
@@ -27,16 +27,21 @@ class AnalysisConfig:
     pair: the two model roles compared (reference first), e.g. ``[base, tuned]``.
     signal: per-layer curve the sections are fitted to: ``cka_distance``
         (1 - CKA(pair)), ``accuracy_delta`` (pair[1] - pair[0] probe metric) or
-        ``control_cka`` (CKA(pair[1], control:<task>)).
+        ``control_cka`` (CKA(pair[1], control:<task>)); ``auto`` = control_cka when the
+        results hold control models (the study's MOSSA signal), else cka_distance.
     measure: similarity measure for CKA figures and signals; ``auto`` prefers
         debiased_cka (no n/d floor), then linear_cka, rbf_cka, any other ``*cka``.
     metric: probe metric for heatmaps, curves and ``accuracy_delta``.
     probe: probe head to report (``linear``, ``mlp``...); ``auto`` prefers linear.
     split: evaluation split of ``probes.csv`` to report.
-    segment_model: 3-segment least-squares model: ``ramp`` (a flat shared level, then
-        a line for the transition and one for refinement), ``linear`` (a line per
-        section) or ``constant`` (a level per section).
+    segment_model: piecewise least-squares model of the sections: ``ramp`` (a flat
+        shared level, then a line per later section), ``linear`` (a line per section)
+        or ``constant`` (a level per section).
     min_section_layers: fewest layers a section may have.
+    section_alpha: level of the section tests: sections are reported only when the
+        3-section fit beats a smooth curve at this level (parametric bootstrap over tasks).
+    section_null_degree: degree of the polynomial that stands for "no sections".
+    section_test_resamples: bootstrap resamples of each section test.
     include_embedding: fit sections over layer 0 (embeddings) too.
     bootstrap: bootstrap resamples over tasks for the boundary CIs (0 = none).
     ci: confidence level of every interval in the report.
@@ -51,13 +56,16 @@ class AnalysisConfig:
     runs: list[str] | None = None
     search_roots: list[str] = field(default_factory=lambda: ["outputs", "multirun"])
     pair: list[str] = field(default_factory=lambda: ["base", "tuned"])
-    signal: str = "cka_distance"
+    signal: str = "auto"
     measure: str = "auto"
     metric: str = "accuracy"
     probe: str = "auto"
     split: str = "test"
     segment_model: str = "ramp"
     min_section_layers: int = 2
+    section_alpha: float = 0.05
+    section_null_degree: int = 5
+    section_test_resamples: int = 1000
     include_embedding: bool = True
     bootstrap: int = 1000
     ci: float = 0.95
@@ -87,6 +95,12 @@ class AnalysisConfig:
         low = 1 if self.segment_model == "constant" else 2
         _check(_is_int(self.min_section_layers) and self.min_section_layers >= low, "min_section_layers", self.min_section_layers,
                f"use an integer >= {low} (segment_model={self.segment_model} needs sections of >= {low} layer(s))")
+        _check(isinstance(self.section_alpha, (int, float)) and 0 < self.section_alpha < 1, "section_alpha", self.section_alpha,
+               "use a level in (0, 1), e.g. section_alpha=0.05")
+        _check(_is_int(self.section_null_degree) and 0 <= self.section_null_degree <= 6, "section_null_degree", self.section_null_degree,
+               "use an integer polynomial degree in 0..6, e.g. 3")
+        _check(_is_int(self.section_test_resamples) and self.section_test_resamples >= 99, "section_test_resamples",
+               self.section_test_resamples, "use an integer >= 99 (p-values need resolution below alpha), e.g. 1000")
         _check(_is_int(self.bootstrap) and self.bootstrap >= 0, "bootstrap", self.bootstrap, "use an integer >= 0 (0 disables the CIs)")
         _check(isinstance(self.ci, (int, float)) and 0.5 <= self.ci < 1, "ci", self.ci, "use a level in [0.5, 1), e.g. ci=0.95")
         _check(_is_int(self.seed), "seed", self.seed, "use an integer")

@@ -34,7 +34,7 @@ STYLE = {
     "savefig.facecolor": "white",
 }
 MODEL_COLORS = {"base": "#1f77b4", "tuned": "#d62728", "sft": "#2ca02c", "instruct": "#d62728"}
-SECTION_COLORS = {"shared": "#4c72b0", "transition": "#dd8452", "refinement": "#55a868"}
+SECTION_COLORS = {"shared": "#4c72b0", "transition": "#dd8452", "refinement": "#55a868", "late": "#8172b3"}
 BOUNDARY_COLOR = "#333333"
 MAX_BANDS = 5  # more overlapping CI bands than this are unreadable: draw lines only
 MIN_BAND_TASKS = 3  # a t-interval over 1-2 tasks spans the plot: no band there
@@ -81,12 +81,12 @@ def set_layer_ticks(ax, layers: Sequence[int], axis: str = "x", most: int = 17) 
 
 def draw_sections(ax, fit: SectionFit | None, axis: str = "x", labels: bool = False, ci: bool = True) -> None:
     """Dashed boundary lines (between layers), shaded boundary CIs, optional section names."""
-    if fit is None:
+    if fit is None or not fit.found:  # no supported sections: no boundaries to draw
         return
     line = ax.axvline if axis == "x" else ax.axhline
     span = ax.axvspan if axis == "x" else ax.axhspan
-    for name in ("transition_start", "refinement_start"):
-        line(getattr(fit, name) - 0.5, color=BOUNDARY_COLOR, lw=1.1, ls="--", zorder=4)
+    for name, start in fit.boundaries.items():
+        line(start - 0.5, color=BOUNDARY_COLOR, lw=1.1, ls="--", zorder=4)
         if ci and name in fit.ci:
             lo, hi = fit.ci[name]
             if hi > lo:
@@ -165,7 +165,7 @@ def _hide_unused(axes: np.ndarray, used: int) -> None:
 
 def _title_pad(fit: SectionFit | None) -> float:
     """Room above an axes for the two-line section labels of :func:`draw_sections`."""
-    return 25 if fit is not None else 6
+    return 25 if fit is not None and fit.found else 6
 
 
 # ---------------------------------------------------------------------------- heatmaps
@@ -428,8 +428,10 @@ def cross_layer_figure(
 
 
 def sections_figure(fit: SectionFit, matrix: pd.DataFrame) -> Figure:
-    """The section signal: tasks (faint), their mean with bootstrap band, the 3-segment fit,
-    and below, how often each layer was chosen as a boundary across bootstrap resamples."""
+    """The section signal: tasks (faint), their mean with bootstrap band, the supported section fit,
+    and below, how often each layer was chosen as a boundary across bootstrap resamples.
+
+    Without supported sections (``fit.found`` False) only the signal and its band are drawn."""
     layers = np.asarray(fit.layers)
     with_boot = bool(fit.boot_starts)
     fig = Figure(figsize=(8.2, 5.2 if with_boot else 4.0), layout="constrained")
@@ -443,19 +445,22 @@ def sections_figure(fit: SectionFit, matrix: pd.DataFrame) -> Figure:
     high = np.asarray([np.nan if v is None else v for v in fit.curve_high], float)
     _band(ax, layers, curve, low, high, "black", f"mean over {fit.n_tasks} task(s)", lw=2.0)
     for name, piece in zip(fit.sections, fit.pieces):
-        ax.plot(piece["layer"], piece["value"], color=SECTION_COLORS[name], lw=3, alpha=0.85, label=f"{name} fit", zorder=4)
+        ax.plot(piece["layer"], piece["value"], color=SECTION_COLORS.get(name, "#8c8c8c"), lw=3, alpha=0.85, label=f"{name} fit", zorder=4)
     ax.plot([], [], color="#b0b0b0", lw=0.8, label="single tasks")
     set_layer_ticks(ax, list(layers))
     draw_sections(ax, fit, labels=True)
     ax.set_ylabel(fit.description.split(", mean")[0])
-    ax.set_title(f"Section signal and 3-segment fit ({fit.segment_model})", pad=_title_pad(fit))
+    title = (f"Section signal and {fit.n_sections}-section fit ({fit.segment_model})" if fit.found
+             else f"Section signal: no section structure (p = {fit.p_value:.3g} against a smooth curve)")
+    ax.set_title(title, pad=_title_pad(fit))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if with_boot:
         starts = np.asarray(fit.boot_starts)
-        width = 0.4
-        for col, (name, color) in enumerate((("transition start", SECTION_COLORS["transition"]), ("refinement start", SECTION_COLORS["refinement"]))):
+        width = 0.8 / max(1, starts.shape[1])
+        for col, name in enumerate(fit.names[1:]):
             counts = pd.Series(starts[:, col]).value_counts().reindex(layers, fill_value=0) / len(starts)
-            axes[1].bar(layers + (col - 0.5) * width, counts.to_numpy(), width=width, color=color, label=name)
+            offset = (col - (starts.shape[1] - 1) / 2) * width
+            axes[1].bar(layers + offset, counts.to_numpy(), width=width, color=SECTION_COLORS.get(name, "#8c8c8c"), label=f"{name} start")
         axes[1].set_ylabel("share of\nresamples")
         axes[1].set_ylim(0, 1.05)
         axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title=f"bootstrap ({len(starts)})")

@@ -402,13 +402,19 @@ def aggregate_probes(probes: pd.DataFrame, level: float) -> pd.DataFrame:
     return aggregate(probes, PROBE_KEYS, level)
 
 
-def canonical_pairs(similarity: pd.DataFrame) -> pd.DataFrame:
-    """Orient every row so that ``model_a <= model_b`` (swapping the layers with the models).
+# Measures whose value depends on the argument order (mirrors layerprobe.similarity.config,
+# which is not imported here so the analysis does not need torch): never merged across orders.
+ASYMMETRIC_MEASURES = ("pwcca",)
 
-    Runs may write (base, tuned) or (tuned, base); the measures are symmetric, so both
-    are repeats of one comparison and must be aggregated together.
+
+def canonical_pairs(similarity: pd.DataFrame) -> pd.DataFrame:
+    """Orient every row of a symmetric measure so that ``model_a <= model_b`` (swapping the layers too).
+
+    Runs may write (base, tuned) or (tuned, base); for symmetric measures both are repeats
+    of one comparison and are aggregated together. Rows of an asymmetric measure (PWCCA)
+    keep their order: (a, b) and (b, a) are different comparisons.
     """
-    swap = similarity["model_a"] > similarity["model_b"]
+    swap = (similarity["model_a"] > similarity["model_b"]) & ~similarity["measure"].isin(ASYMMETRIC_MEASURES)
     out = similarity.copy()
     for left, right in (("model_a", "model_b"), ("layer_a", "layer_b")):
         out.loc[swap, left], out.loc[swap, right] = similarity.loc[swap, right], similarity.loc[swap, left]

@@ -7,6 +7,7 @@ error never leaves a report that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -46,6 +47,8 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path, cfg: AnalysisConfig | 
     out_dir = Path(out_dir).resolve()
     data = load_runs([Path(p) for p in run_dirs], exclude=[out_dir])
     views = Views.build(data, cfg)
+    if cfg.signal == "auto":  # the study's signal when control models exist, else the pair's CKA distance
+        cfg = dataclasses.replace(cfg, signal="control_cka" if views.has_controls() else "cka_distance")
     fit, reason = detect_sections(views, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".report-staging-", dir=out_dir))
@@ -120,7 +123,8 @@ def _sections_json(views: Views, fit: SectionFit | None, reason: str, cfg: Analy
         "inputs": [str(p) for p in data.inputs],
     }
     if fit is None:
-        return {**{name: None for name in SECTION_NAMES}, "signal": cfg.signal, "reason": reason, **context}
+        return {**{name: None for name in SECTION_NAMES}, "found": False, "n_sections": None, "p_value": None,
+                "signal": cfg.signal, "reason": reason, **context}
     return {**fit.to_json(), **context}
 
 
@@ -158,6 +162,10 @@ def _meta(data: RunData, views: Views, cfg: AnalysisConfig) -> list[str]:
 def _notes(data: RunData, views: Views, fit: SectionFit | None, reason: str, seen_note: str) -> list[str]:
     """Everything the reader should know that is not a missing job, one line each."""
     notes = views.notes + data.warnings + ([f"sections not fitted: {reason}"] if reason else []) + ([seen_note] if seen_note else [])
+    if fit is not None and not fit.found:
+        notes.append(f"no section structure: {fit.reason}; no boundaries are drawn")
+    if fit is not None and fit.found and fit.at_minimum:
+        notes.append(f"section(s) {', '.join(fit.at_minimum)} sit at min_section_layers={fit.min_section_layers}")
     if fit is not None and fit.undefined_layers:
         notes.append(f"the section signal is undefined (NaN) at layer(s) {', '.join(map(str, fit.undefined_layers))} for every task; "
                      f"sections are fitted over layers {fit.layers[0]}–{fit.layers[-1]}")
@@ -176,32 +184,61 @@ def _note_blocks(data: RunData, notes: list[str]) -> list[Block]:
     return blocks
 
 
+def _test_rows(fit: SectionFit) -> pd.DataFrame:
+    rows = [{"simpler fit": t.simple, "richer fit": t.rich, "F": f"{t.statistic:.4g}", "p_value": f"{t.p_value:.3g}",
+             "sign flips": t.resamples, f"significant at {fit.alpha}": "yes" if t.p_value < fit.alpha else "no"} for t in fit.tests]
+    return pd.DataFrame(rows)
+
+
 def _sections_blocks(doc: _Document, views: Views, fit: SectionFit | None, reason: str, cfg: AnalysisConfig) -> None:
     doc.add(Heading("Sections"))
     if fit is None:
         doc.add(Paragraph(f"No sections were fitted: {reason}."))
         return
     level = round(cfg.ci * 100)
+    test_text = (
+        f"Sections are tested before they are drawn: a smooth curve (polynomial of degree {fit.null_degree} in the layer "
+        f"index) plus 0-3 kinks is fitted, and each added kink must reduce the squared error more than under a task-level "
+        f"sign-flip randomization of the simpler fit (level {fit.alpha})."
+    )
+    matrix, _ = signal_matrix(views, cfg.signal)
+    if not fit.found:
+        doc.add(Paragraph(
+            f"Signal: {fit.description}. No section structure: the 3-section fit does not improve significantly on a "
+            f"smooth curve (p = {fit.p_value:.3g}), so no section boundaries are drawn and no per-section summaries are given. "
+            f"{test_text}"
+        ))
+        doc.add(TableBlock("Section tests", "Each richer fit against the simpler one (F = relative reduction of the squared error).",
+                           _test_rows(fit), "sections.json"))
+        doc.figure("sections_signal", "Section signal", (
+            f"Grey: each task's signal; black: mean over tasks with its {level}% bootstrap band. No section structure was "
+            "found, so no fit or boundary is drawn."
+        ), F.sections_figure(fit, matrix))
+        return
     rows = []
     for name, (lo, hi) in fit.sections.items():
-        boundary = {"transition": "transition_start", "refinement": "refinement_start"}.get(name)
-        ci = fit.ci.get(boundary) if boundary else None
+        ci = fit.ci.get(f"{name}_start")
         rows.append({"section": name, "first_layer": lo, "last_layer": hi, "n_layers": hi - lo + 1,
-                     f"first_layer_{level}%_ci": f"{ci[0]}–{ci[1]}" if ci else "–"})
-    agreement = f" {fit.agreement:.0%} of resamples put both boundaries within one layer of these." if fit.agreement is not None else ""
+                     f"first_layer_{level}%_ci": f"{ci[0]}–{ci[1]}" if ci else "–",
+                     "at min_section_layers": "yes" if name in fit.at_minimum else ""})
+    agreement = f" {fit.agreement:.0%} of resamples put every boundary within one layer of these." if fit.agreement is not None else ""
     ci_text = (f"{level}% CIs: percentile bootstrap over tasks ({cfg.bootstrap} resamples).{agreement}"
                if fit.ci else "No CIs: the bootstrap needs two or more tasks and bootstrap > 0.")
+    pinned = (f" The {', '.join(fit.at_minimum)} section(s) sit at min_section_layers={fit.min_section_layers}: the fit "
+              "may want them shorter still, so read those boundaries as 'at most'." if fit.at_minimum else "")
     doc.add(Paragraph(
-        f"Signal: {fit.description}. The layers are split into three contiguous sections by the least-squares 3-segment "
-        f"fit '{fit.segment_model}' ({SEGMENT_TEXT[fit.segment_model]}), exact by dynamic programming over both boundaries; "
-        f"sections are named by position. {ci_text} Boundaries are drawn as dashed lines on every per-layer figure."
+        f"Signal: {fit.description}. {fit.n_sections} sections are supported (p = {fit.p_value:.3g} against a smooth curve). "
+        f"{test_text} The boundaries come from the least-squares {fit.n_sections}-section fit '{fit.segment_model}' "
+        f"({SEGMENT_TEXT[fit.segment_model]}), exact by dynamic programming; sections are named by position. "
+        f"{ci_text}{pinned} Boundaries are drawn as dashed lines on every per-layer figure."
     ))
     doc.add(TableBlock("Fitted sections", "Layers of each section (inclusive); the CI is for the section's first layer.", pd.DataFrame(rows), "sections.json"))
-    matrix, _ = signal_matrix(views, cfg.signal)
+    doc.add(TableBlock("Section tests", "Each richer fit against the simpler one (F = relative reduction of the squared error).",
+                       _test_rows(fit), "sections.json"))
     doc.figure("sections_signal", "Section signal and fit", (
         f"Grey: each task's signal; black: mean over tasks with its {level}% bootstrap band; coloured: the fitted "
         "segments; dashed: boundaries, grey shading: their CIs. Bottom: how often each layer "
-        "was chosen as the first layer of the transition / refinement section across bootstrap resamples."
+        "was chosen as the first layer of each section across bootstrap resamples."
     ), F.sections_figure(fit, matrix))
 
 
@@ -219,7 +256,8 @@ def _probe_blocks(doc: _Document, views: Views, fit: SectionFit | None, cfg: Ana
     ), F.task_layer_heatmap([(m, views.metric_matrix(m)) for m in models], clusters, metric, fit))
     if metric != "selectivity" and any(views.has_metric(m, "selectivity") for m in models):
         doc.figure("selectivity_heatmap", "Probe selectivity per task and layer", (
-            f"Selectivity = {metric} minus the probe's accuracy on a control task with random labels ({where}): "
+            f"Selectivity = {metric} minus the same probe's accuracy on a control task ({where}; one random label per "
+            "recurring input type, Hewitt & Liang 2019, docs/probing.md): "
             "high where the representation, not the probe's capacity, carries the task."
         ), F.task_layer_heatmap([(m, views.metric_matrix(m, "selectivity")) for m in models], clusters, "selectivity", fit))
     if views.has_pair and a in models and b in models:
@@ -255,12 +293,6 @@ def _similarity_blocks(doc: _Document, views: Views, fit: SectionFit | None, cfg
         f"Mean over the tasks of each cluster; bands (for up to {F.MAX_BANDS} clusters, where {F.MIN_BAND_TASKS}+ tasks): "
         f"{level}% Student-t CI over tasks; black: all tasks."
     ), F.grouped_curves(matrix, clusters, cfg.ci, measure, fit, f"{measure}({a}, {b})"))
-    control = views.control_cka_matrix()
-    if not control.dropna(how="all").empty:
-        doc.figure("control_cka_by_cluster", f"{measure}({b}, control) per layer, cluster means", (
-            f"Similarity of {b} to each task's control model (fine-tuned on that task alone); bands (up to {F.MAX_BANDS} "
-            f"clusters, where {F.MIN_BAND_TASKS}+ tasks): {level}% CI over tasks."
-        ), F.grouped_curves(control, clusters, cfg.ci, measure, fit, f"{measure}({b}, control:<task>)"))
     mean_fig, grid_fig = F.cross_layer_figure(views.cross_layer(), views.pair, measure, fit)
     doc.figure("cka_layer_matrix", f"Layer × layer {measure}, mean over tasks", (
         f"Similarity between every layer of {a} (rows, bottom = layer 0) and every layer of {b} (columns). "
@@ -286,13 +318,75 @@ def _seen_blocks(doc: _Document, views: Views, fit: SectionFit | None, cfg: Anal
     return doc.table("seen_unseen.csv", "Seen vs unseen summary", "Means over the tasks of each group of the per-task summary columns.", group_summary(summary, "seen"))
 
 
+def _control_blocks(doc: _Document, views: Views, fit: SectionFit | None, cfg: AnalysisConfig, seen: dict[str, str]) -> Path | None:
+    """MOSSA: every experimental model against each task's control model, task by task and layer by layer."""
+    if views.measure is None or not views.has_controls():
+        return None
+    measure, clusters, level = views.measure, views.cluster_of(), round(cfg.ci * 100)
+    matrices = {m: views.control_cka_matrix(m) for m in views.models}
+    matrices = {m: x for m, x in matrices.items() if not x.dropna(how="all").empty}
+    if not matrices:
+        return None
+    a, b = views.pair
+    doc.add(Heading("Control models (MOSSA)"))
+    doc.add(Paragraph(
+        f"Each task's control model is fine-tuned on that task alone; high {measure}(model, control_t) at a layer means "
+        f"the model already represents task t there the way a specialist does. Each comparison is on task t's own "
+        f"{views.split or 'test'} examples."))
+    doc.figure("control_cka_heatmaps", f"{measure}(model, control of the task) per task and layer", (
+        "Rows: tasks by cluster; one colour scale for all panels."
+    ), F.task_layer_heatmap([(f"{measure}({m}, control_t)", x) for m, x in matrices.items()], clusters, measure, fit))
+    if a in matrices and b in matrices:
+        doc.figure("control_cka_difference", f"{measure}({b}, control_t) − {measure}({a}, control_t)", (
+            f"Red: {b} is closer to the task's control than {a} is at that layer; blue: further."
+        ), F.task_layer_heatmap([(f"{b} − {a}", matrices[b] - matrices[a])], clusters, f"Δ {measure}", fit, diverging=True))
+    groups = seen or clusters
+    panels = [(f"{measure}({m}, control_t)", x, measure) for m, x in matrices.items()]
+    if a in matrices and b in matrices:
+        panels.append((f"{b} − {a}", matrices[b] - matrices[a], f"Δ {measure}"))
+    doc.figure("control_cka_curves", "Control similarity per layer, " + ("seen vs unseen tasks" if seen else "by cluster"), (
+        f"Mean over the tasks of each group; bands: {level}% Student-t CI over tasks (where {F.MIN_BAND_TASKS}+ tasks)."
+    ), F.comparison_panels(panels, groups, cfg.ci, fit, "How close is each model to the task's specialist?"))
+    for m, x in matrices.items():
+        doc.figure(f"control_cka_by_cluster_{m}", f"{measure}({m}, control_t) per layer, cluster means", (
+            f"Mean over the tasks of each cluster; bands (up to {F.MAX_BANDS} clusters, where {F.MIN_BAND_TASKS}+ tasks): "
+            f"{level}% Student-t CI over tasks; black: all tasks."
+        ), F.grouped_curves(x, clusters, cfg.ci, measure, fit, f"{measure}({m}, control:<task>)"))
+    return doc.table("control_summary.csv", "Control similarity summary", (
+        f"Mean over layers 1..L of {measure}(model, control_t) per task, then mean and {level}% Student-t CI over the tasks "
+        "of each group (seen / unseen, and each cluster)."
+    ), _control_summary(matrices, seen, clusters, cfg.ci))
+
+
+def _control_summary(matrices: dict, seen: dict[str, str], clusters: dict[str, str], level: float) -> pd.DataFrame:
+    from .load import aggregate
+
+    rows = []
+    for model, matrix in matrices.items():
+        per_task = matrix[[c for c in matrix.columns if int(c) > 0] or list(matrix.columns)].mean(axis=1, skipna=True)
+        for task, value in per_task.dropna().items():
+            rows.append({"model": model, "task": task, "seen": seen.get(task, "all"), "cluster": clusters.get(task, ""),
+                         "value": float(value)})
+    long = pd.DataFrame(rows, columns=["model", "task", "seen", "cluster", "value"])
+    if long.empty:
+        return long
+    parts = []
+    for key in ("seen", "cluster"):
+        agg = aggregate(long, ["model", key], level).rename(columns={key: "group"})
+        parts.append(agg.assign(group_by=key))
+    out = pd.concat(parts, ignore_index=True)
+    return out[["model", "group_by", "group", "n", "mean", "sd", "ci_low", "ci_high"]]
+
+
 def _table_blocks(doc: _Document, views: Views, cfg: AnalysisConfig, summary: pd.DataFrame, staging: Path) -> dict[str, Path]:
     a, b = views.pair
     doc.add(Heading("Tables"))
     tables = {
         "cluster_summary": doc.table("cluster_summary.csv", "Cluster summary", "Means over the tasks of each cluster of the per-task summary below.", group_summary(summary, "cluster")),
         "summary": doc.table("summary.csv", "Per-task summary", (
-            f"best_layer_<model> / best_{views.metric}_<model>: the layer with the highest probe {views.metric} and that value; "
+            f"best_layer_<model>: the layer with the highest val accuracy (selection on val, never on the reported split); "
+            f"best_{views.metric}_<model>: the {views.split} {views.metric} at that layer (with _ci_low/_ci_high over seeds "
+            "where there are several); "
             f"overtake_layer: first layer from which {b} − {a} stays above {cfg.overtake_margin} at every later layer; "
             f"cka_<section>: mean {views.measure}({a}, {b}) within the section; delta_*: mean {b} − {a} within the section."
         ), summary),
@@ -317,15 +411,19 @@ def _build(data: RunData, views: Views, fit: SectionFit | None, reason: str, cfg
     notes = _notes(data, views, fit, reason, seen_note)
     for block in _note_blocks(data, notes):
         doc.add(block)
-    summary = task_summary(views, fit, cfg.overtake_margin)
+    shown = fit if fit is not None and fit.found else None  # boundaries are drawn only where sections are supported
+    summary = task_summary(views, shown, cfg.overtake_margin)
     sections = _sections_json(views, fit, reason, cfg, data)
     (staging / "sections.json").write_text(_compact_json(sections))
     with mpl.rc_context(F.STYLE):
         _sections_blocks(doc, views, fit, reason, cfg)
-        _probe_blocks(doc, views, fit, cfg)
-        _similarity_blocks(doc, views, fit, cfg)
-        seen_path = _seen_blocks(doc, views, fit, cfg, seen, summary)
+        _probe_blocks(doc, views, shown, cfg)
+        _similarity_blocks(doc, views, shown, cfg)
+        seen_path = _seen_blocks(doc, views, shown, cfg, seen, summary)
+        control_path = _control_blocks(doc, views, shown, cfg, seen)
     tables = _table_blocks(doc, views, cfg, summary, staging)
+    if control_path is not None:
+        tables["control_summary"] = control_path
     if seen_path is not None:
         tables["seen_unseen"] = seen_path
     _input_blocks(doc, data, cfg)

@@ -1,8 +1,10 @@
 """Per-task and per-group summary tables.
 
-``summary.csv`` has one row per task: each model's best layer and best score, the
-layer where pair[1] overtakes pair[0], and the mean CKA and score delta within each
-section. Group summaries (clusters, seen/unseen) average those rows over tasks.
+``summary.csv`` has one row per task: each model's best layer and its score, the layer
+where pair[1] overtakes pair[0], and the mean CKA and score delta within each section.
+The best layer is chosen on val accuracy and its score is reported on the shown split
+(test by default), with a CI over seeds where there are several. Group summaries
+(clusters, seen/unseen) average those rows over tasks.
 """
 
 from __future__ import annotations
@@ -26,11 +28,28 @@ def overtake_layer(delta: pd.Series, margin: float = 0.0) -> float:
     return float(delta.index[below[-1] + 1] if len(below) else delta.index[0])
 
 
-def _best(matrix: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """Per task: the layer with the highest value (earliest on ties) and that value."""
-    filled = matrix.dropna(axis=0, how="all")
+def _best(matrix: pd.DataFrame, selection: pd.DataFrame | None = None) -> tuple[pd.Series, pd.Series]:
+    """Per task: the layer chosen on ``selection`` (highest value, earliest on ties) and ``matrix`` there.
+
+    ``selection`` is the val accuracy: choosing the best layer on the split that is reported
+    (test) would bias the reported value upwards. Tasks without selection values choose on
+    ``matrix`` itself (old runs without val rows); :func:`task_summary` says which.
+    """
+    chooser = matrix if selection is None else selection.reindex(index=matrix.index, columns=matrix.columns)
+    chooser = chooser.where(matrix.notna())  # only layers that have a reported value
+    filled = chooser.dropna(axis=0, how="all")
     layer = filled.idxmax(axis=1).astype(float).reindex(matrix.index)
-    return layer, matrix.max(axis=1)
+    missing = layer.isna() & matrix.notna().any(axis=1)
+    if missing.any():  # no val value for this task: fall back to the reported split
+        layer[missing] = matrix[missing].dropna(axis=0, how="all").idxmax(axis=1).astype(float)
+    value = pd.Series({t: matrix.at[t, int(l)] if pd.notna(l) else np.nan for t, l in layer.items()}, dtype=float)
+    return layer, value.reindex(matrix.index)
+
+
+def _at_layer(long: pd.DataFrame, layer: pd.Series, column: str) -> pd.Series:
+    """``long[column]`` at each task's chosen layer (NaN where absent)."""
+    keyed = long.set_index(["task", "layer"])[column]
+    return pd.Series({t: keyed.get((t, int(l)), np.nan) if pd.notna(l) else np.nan for t, l in layer.items()}, dtype=float)
 
 
 def _section_means(matrix: pd.DataFrame, fit: SectionFit | None) -> dict[str, pd.Series]:
@@ -50,9 +69,16 @@ def task_summary(views: Views, fit: SectionFit | None, margin: float = 0.0) -> p
     if metric is not None:
         for model in views.models:
             if views.has_metric(model):
-                layer, value = _best(views.metric_matrix(model))
+                selection = views.selection_matrix(model)
+                has_val = not selection.dropna(how="all").empty
+                layer, value = _best(views.metric_matrix(model), selection if has_val else None)
                 table[f"best_layer_{model}"] = layer
                 table[f"best_{metric}_{model}"] = value
+                long = views.metric_long(model)
+                if long["n"].max() > 1:  # several seeds: the CI of the reported value
+                    table[f"best_{metric}_{model}_ci_low"] = _at_layer(long, layer, "ci_low")
+                    table[f"best_{metric}_{model}_ci_high"] = _at_layer(long, layer, "ci_high")
+                table[f"best_layer_{model}_chosen_on"] = "val accuracy" if has_val else f"{views.split} {metric}"
         if views.has_metric(views.models[0] if views.models else "", "majority_baseline"):
             table["majority_baseline"] = views.metric_matrix(views.models[0], "majority_baseline").mean(axis=1)
     if views.has_pair and metric is not None:

@@ -55,6 +55,8 @@ class Views:
     models: list[str] = field(default_factory=list)  # non-control roles, pair first
     has_pair: bool = True  # both roles of the pair are in the results
     notes: list[str] = field(default_factory=list)
+    # val accuracy of the same probe (aggregated over seeds): what best-layer choices are made on
+    selection: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @classmethod
     def build(cls, data: RunData, cfg: AnalysisConfig) -> "Views":
@@ -75,6 +77,9 @@ class Views:
         models = [m for m in cfg.pair if m in roles] + [m for m in roles if m not in cfg.pair]
         missing = [m for m in cfg.pair if m not in present]
         views = cls(probes, similarity, data.tasks, (cfg.pair[0], cfg.pair[1]), metric, probe, split, measure, cfg.ci, models, not missing)
+        raw_all = data.probes
+        val = raw_all[(raw_all["split"] == "val") & (raw_all["probe"] == probe) & (raw_all["metric"] == "accuracy")]
+        views.selection = aggregate_probes(val, cfg.ci) if not val.empty else pd.DataFrame()
         if missing:
             views.notes.append(
                 f"model role(s) {', '.join(missing)} of pair={list(cfg.pair)} not in the results "
@@ -117,6 +122,13 @@ class Views:
         """task x layer matrix (rows in task order, all layers as columns)."""
         return self._matrix(self.metric_long(model, metric))
 
+    def selection_matrix(self, model: str) -> pd.DataFrame:
+        """task x layer val accuracy of one model (the basis of every best-layer choice); empty if absent."""
+        if self.selection.empty:
+            return self._matrix(pd.DataFrame())
+        rows = self.selection[self.selection["model"] == model]
+        return self._matrix(rows[["task", "layer", "mean"]])
+
     def has_metric(self, model: str, metric: str | None = None) -> bool:
         return not self.metric_long(model, metric).empty
 
@@ -146,9 +158,12 @@ class Views:
     def cka_matrix(self) -> pd.DataFrame:
         return self._matrix(self.cka_long())
 
-    def control_cka_matrix(self) -> pd.DataFrame:
-        """CKA(pair[1], control for the row's task), task x layer."""
-        tuned = self.pair[1]
+    def has_controls(self) -> bool:
+        return any(is_control(m) for m in {*self.similarity["model_a"], *self.similarity["model_b"]})
+
+    def control_cka_matrix(self, model: str | None = None) -> pd.DataFrame:
+        """CKA(model, control for the row's task), task x layer; model defaults to pair[1] (MOSSA)."""
+        tuned = model or self.pair[1]
         frames = []
         for model in sorted({*self.similarity["model_a"], *self.similarity["model_b"]}):
             if not is_control(model):

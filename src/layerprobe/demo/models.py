@@ -1,11 +1,17 @@
 """Build the demo pair offline: a word-level tokenizer, a tiny Llama pre-trained on the raw
 demo texts, and that base instruction-tuned on the seen demo tasks.
 
+Pre-training (next-token loss on every token) reads the task inputs without instructions
+or answers, plus short statements of the lexicon's facts ("the hawk is a bird", "awful is a
+negative word"): like a real pre-trained model, the base knows the categories but has never
+been asked a question. Instruction tuning (loss on the answer tokens only) then teaches it
+to answer each seen task's instruction from that knowledge, at the prompt's last token.
+
 Tuning uses a learning rate that grows with depth (embeddings frozen, block l of L at
 lr * (l/L)^p): instruction tuning is known to leave early layers nearly unchanged and move
 later ones (the study's sections), and the demo makes that property explicit so the
-pipeline has a real, known pattern to recover. The data comes from other seeds than the
-probe data, so probes are never scored on examples the models were trained on.
+pipeline has a real, known pattern to recover. All training data comes from other seeds
+than the probe data, so probes are never scored on examples the models were trained on.
 """
 from __future__ import annotations
 
@@ -23,11 +29,12 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from layerprobe.demo.lm import CausalLMTraining, LMExamples
-from layerprobe.tasks.demo import DEMO_TASKS, demo_examples, render
+from layerprobe.tuning.data import SFTExamples
+from layerprobe.tuning.module import CausalLMTuning
+from layerprobe.tasks.demo import DEMO_TASKS, demo_examples, knowledge_texts, render
 
 log = logging.getLogger(__name__)
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 SPECIAL = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
 
 
@@ -45,6 +52,7 @@ def demo_corpus(cfg) -> tuple[list[str], list[str], list[str]]:
             if task.seen:
                 prompts.append(render(task, text))
                 answers.append(answer)
+    raw += knowledge_texts(cfg.knowledge_texts, seed=10_000 + cfg.seed)
     return raw, prompts, answers
 
 
@@ -60,9 +68,11 @@ def build_tokenizer(texts: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="right", **SPECIAL)
 
 
-def _train(model, dataset: LMExamples, steps: int, cfg, lr_scale=None, desc: str = "") -> float:
+def _train(model, dataset: SFTExamples, steps: int, cfg, lr_scale=None, desc: str = "") -> float:
+    """The tuning stage's module (layerprobe.tuning): warmup over 5% of the steps, cosine to 0.1 x lr."""
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=dataset.collate, drop_last=True)
-    module = CausalLMTraining(model, cfg.lr, steps, lr_scale)
+    module = CausalLMTuning(model, cfg.lr, total_steps=steps, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1,
+                            lr_scale=lr_scale)
     log.info("demo model: %s (%d steps)", desc, steps)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, log_every_n_steps=10)
@@ -108,10 +118,11 @@ def build_demo_pair(cfg, cache_dir: Path) -> tuple[Path, Path]:
         for stale in root.parent.glob(f".{root.name}.*.tmp"):  # left by a killed build; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
-        base_loss = _train(model, LMExamples(tokenizer, raw, None), cfg.pretrain_steps, cfg, desc="pre-training the base on raw texts")
+        pretrain_texts = SFTExamples(tokenizer, raw, None, max_length=64, loss_on="all", truncation="right")
+        base_loss = _train(model, pretrain_texts, cfg.pretrain_steps, cfg, desc="pre-training the base on raw texts")
         model.save_pretrained(tmp / "base")
         tokenizer.save_pretrained(tmp / "base")
-        tune_loss = _train(model, LMExamples(tokenizer, prompts, answers), cfg.tune_steps, cfg,
+        tune_loss = _train(model, SFTExamples(tokenizer, prompts, answers, max_length=64), cfg.tune_steps, cfg,
                            depth_lr_scale(cfg.num_layers, cfg.depth_lr_power), desc="instruction-tuning on the seen tasks")
         model.save_pretrained(tmp / "tuned")
         tokenizer.save_pretrained(tmp / "tuned")

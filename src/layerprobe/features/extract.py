@@ -10,6 +10,7 @@ missing shards r, r+N, r+2N, ... into the same store.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,10 +20,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from layerprobe.backbone import LayerCapture, check_checkpoint, checkpoint_identity, load_backbone
+from layerprobe.models.capture import LayerCapture
+from layerprobe.models.load import check_checkpoint, checkpoint_identity, load_backbone
 from layerprobe.distributed import Ranks
-from layerprobe.features.store import FeatureStore, fingerprint
-from layerprobe.prompting import PromptEncoder, PromptSpec
+from layerprobe.config import ConfigError
+from layerprobe.features.store import LEGACY, DamagedShards, FeatureError, FeatureStore, fingerprint
+from layerprobe.models.prompting import PromptEncoder, PromptSpec
 from layerprobe.tasks import TaskData
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ class FeatureExtractor(L.LightningModule):
     """Wraps a frozen backbone; predict_step turns a shard of prompts into [n, L+1, d].
 
     Prompts are rendered (plain or chat template, per `prompt`) and pooled over the user's
-    prompt tokens by layerprobe.prompting.PromptEncoder. A backbone placed by accelerate
+    prompt tokens by layerprobe.models.prompting.PromptEncoder. A backbone placed by accelerate
     (model.device_map) is kept out of the module tree, so Lightning never moves it.
     """
 
@@ -121,6 +124,43 @@ def make_trainer(trainer_cfg: dict, callbacks: list, progress: bool = True, **ex
     )
 
 
+def check_trainer(trainer_cfg: dict) -> None:
+    """Build a Trainer from the user's settings once, before any model is loaded or built, so a
+    setting Lightning rejects (no GPU for trainer.accelerator=gpu, an unknown option, a bad
+    precision) is one line. Several devices: checked on one device here, the rest by
+    layerprobe.distributed.launch."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    cfg = dict(trainer_cfg)
+    if cfg.get("devices", "auto") not in (1, "1", "auto") or int(cfg.get("num_nodes", 1) or 1) != 1:
+        cfg.update(devices=1, num_nodes=1, strategy="auto")
+    names = ("lightning.pytorch", "lightning.fabric")  # its device banner belongs to the first real Trainer
+    levels = [logging.getLogger(n).level for n in names]
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        make_trainer(cfg, [], progress=False)
+    except (MisconfigurationException, TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(trainer_error(trainer_cfg, err)) from None
+    finally:
+        for n, level in zip(names, levels):
+            logging.getLogger(n).setLevel(level)
+
+
+def trainer_error(trainer_cfg: dict, err: Exception) -> str:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", first)
+    if unknown:
+        return f"trainer.{unknown.group(1)} is not a lightning.Trainer option; remove it or fix its name"
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator not in ("auto", "cpu") and isinstance(err, MisconfigurationException):
+        return (f"trainer.accelerator={accelerator} cannot run on this machine ({first}); "
+                "use trainer.accelerator=auto (or cpu)")
+    return f"the trainer settings are rejected by Lightning ({first}); fix the trainer.* value"
+
+
 def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureStore, cfg, trainer_cfg: dict, role: str, meta: dict,
                    ranks: Ranks | None = None):
     """Extract the shards not on disk yet, then consolidate the store.
@@ -137,47 +177,77 @@ def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureSt
         done = store.finished_shards()
         return size, [i for i in range(-(-len(texts) // size)) if i not in done]
 
-    shard_size, todo = ranks.on_zero(plan)
-    num_shards = -(-len(texts) // shard_size)
-    if len(todo) < num_shards:
-        log.info("resuming %s/%s: %d of %d shards already on disk", role, task.name, num_shards - len(todo), num_shards)
-    if todo:
-        # this rank's shards; with fewer shards than ranks, a rank redoes one (same bytes, atomic
-        # writes), since Lightning needs a batch on every rank
-        mine = todo[ranks.rank :: ranks.world_size] or [todo[ranks.rank % len(todo)]]
-        shards = [(i, texts[i * shard_size : (i + 1) * shard_size]) for i in mine]
-        loader = DataLoader(ShardDataset(shards), batch_size=1, collate_fn=_single_item, shuffle=False)
-        trainer = make_trainer(trainer_cfg, [ShardWriter(store)])
-        trainer.predict(extractor, loader, return_predictions=False)
-        if extractor.truncated:
-            log.warning("%s/%s: %d prompts longer than extract.max_length=%d were cut on the %s", role, task.name,
-                        extractor.truncated, cfg.max_length, cfg.truncation_side)
-            extractor.truncated = 0
-    ranks.barrier()  # every rank's shards are on disk
-    ranks.on_zero(lambda: store.finalize(task.ids, num_shards, meta, role))
+    def finalize():
+        try:
+            store.finalize(task.ids, num_shards, meta, role)
+            return {}
+        except DamagedShards as err:  # deleted by finalize; returned so that every rank extracts them again
+            return err.shards
+
+    for attempt in (1, 2):
+        shard_size, todo = ranks.on_zero(plan)
+        num_shards = -(-len(texts) // shard_size)
+        if attempt == 1 and len(todo) < num_shards:
+            log.info("resuming %s/%s: %d of %d shards already on disk", role, task.name, num_shards - len(todo), num_shards)
+        if todo:
+            # this rank's shards; with fewer shards than ranks, a rank redoes one (same bytes, atomic
+            # writes), since Lightning needs a batch on every rank
+            mine = todo[ranks.rank :: ranks.world_size] or [todo[ranks.rank % len(todo)]]
+            shards = [(i, texts[i * shard_size : (i + 1) * shard_size]) for i in mine]
+            loader = DataLoader(ShardDataset(shards), batch_size=1, collate_fn=_single_item, shuffle=False)
+            trainer = make_trainer(trainer_cfg, [ShardWriter(store)])
+            trainer.predict(extractor, loader, return_predictions=False)
+            if extractor.truncated:
+                log.warning("%s/%s: %d prompts longer than extract.max_length=%d were cut on the %s", role, task.name,
+                            extractor.truncated, cfg.max_length, cfg.truncation_side)
+                extractor.truncated = 0
+        ranks.barrier()  # every rank's shards are on disk
+        damaged = ranks.on_zero(finalize)
+        if not damaged:
+            return
+        details = "; ".join(f"shard {i}: {why}" for i, why in sorted(damaged.items()))
+        if attempt == 1 and ranks.is_zero:
+            log.warning("features %s/%s: %d damaged shard(s) in %s (%s): extracting them again", role, task.name,
+                        len(damaged), store.root, details)
+    raise FeatureError(f"feature store {store.root}: shards fail their checksum right after being written ({details}); "
+                       "check the disk under paths.cache_dir and rerun")
 
 
 def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trainer_cfg: dict, cache_dir: Path,
                     revision=None, trust_remote_code: bool = False, prompt: PromptSpec | None = None,
-                    device_map=None, ranks: Ranks | None = None) -> dict[str, FeatureStore]:
+                    device_map=None, ranks: Ranks | None = None, identity: dict | None = None,
+                    backbone=None) -> dict[str, FeatureStore]:
     """Make sure every task has a complete store for this model; run the backbone only if needed.
+
+    identity / backbone: for roles that are not a plain checkpoint (a LoRA adapter on a base,
+    layerprobe.models.load.AdapterSet): the identity for the fingerprint, and a callable
+    returning (backbone, tokenizer), called only when a store is missing.
 
     A file lock per store lets concurrent jobs share the cache: one extracts, the others
     wait and then read. The lock is an OS lock, released if its holder dies. Under DDP
     (`ranks` from layerprobe.distributed.launch) rank 0 decides and holds the lock for all ranks.
     """
     ranks = ranks or Ranks(trainer_cfg)
-    check_checkpoint(checkpoint, role)
-    identity = checkpoint_identity(checkpoint, revision)
+    if identity is None:
+        check_checkpoint(checkpoint, role)
+        identity = checkpoint_identity(checkpoint, revision)
     stores = {t.name: store_for(cache_dir, identity, t, cfg, prompt) for t in tasks}
-    complete = ranks.broadcast([stores[t.name].complete for t in tasks])  # rank 0's view, on every rank
+    verify = bool(getattr(cfg, "verify", False))  # extract.verify=true: every checksum, not only the sizes
+
+    def usable(store: FeatureStore) -> bool:
+        return store.complete and store.damage(verify) is None
+
+    complete = ranks.on_zero(lambda: [usable(stores[t.name]) for t in tasks])  # rank 0's view, on every rank
     missing = [t for t, done in zip(tasks, complete) if not done]
     for t in tasks:
         if t not in missing:
             log.info("features %s/%s: cached at %s, backbone not run", role, t.name, stores[t.name].root)
     if not missing:
         return stores
-    backbone, tokenizer = load_backbone(checkpoint, cfg.dtype, "cpu", trust_remote_code, revision, device_map)
+    if backbone is not None:
+        backbone, tokenizer = backbone()
+    else:
+        backbone, tokenizer = load_backbone(checkpoint, cfg.dtype, "cpu", trust_remote_code, revision, device_map)
     extractor = FeatureExtractor(backbone, tokenizer, cfg, prompt, placed=bool(device_map))
     # First the stores no other job is extracting (concurrent jobs split the work), then wait for the rest.
     for wait in (False, True):
@@ -188,9 +258,10 @@ def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trai
                 if not held:
                     continue
                 missing.remove(task)
-                if ranks.broadcast(store.complete):  # another job finished it while we waited
+                if ranks.on_zero(lambda: usable(store)):  # another job finished (or rebuilt) it while we waited
                     log.info("features %s/%s: extracted by another job, reused", role, task.name)
                     continue
+                ranks.on_zero(lambda: discard_if_damaged(store, role, task.name, verify))
                 log.info("extracting %s/%s: %d examples -> %s", role, task.name, len(task.examples), store.root)
                 meta = {"role": role, "task": task.name, "checkpoint": identity, "settings": extraction_settings(cfg),
                         "prompt": (prompt or PromptSpec()).fingerprint(),
@@ -198,3 +269,14 @@ def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trai
                 run_extraction(extractor, task, store, cfg, trainer_cfg, role, meta, ranks)
     del extractor, backbone
     return stores
+
+
+def discard_if_damaged(store: FeatureStore, role: str, task: str, verify: bool = False) -> None:
+    """A complete store whose files do not match its manifest: one warning, then its files go (manifest first)."""
+    problem = store.damage(verify) if store.complete else None
+    if problem == LEGACY:  # not damage: a store from before the manifest recorded sizes and checksums
+        log.info("features %s/%s: %s is from an older layerprobe (no checksums): extracting it again", role, task, store.root)
+        store.discard()
+    elif problem:
+        log.warning("features %s/%s: %s; rebuilding it", role, task, store.damaged_message(problem).split("; rerun")[0])
+        store.discard()

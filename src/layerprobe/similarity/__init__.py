@@ -5,7 +5,8 @@ Library API (numpy arrays, memmaps or torch tensors on any device):
     cka_matrix                                 every layer pair of [n, La, da] x [n, Lb, db]
     svcca, pwcca, procrustes, mutual_knn       the other measures, one pair
     streaming_cka, minibatch_cka               n too large for n x n Grams
-    bias_floor                                 d / (n + d), biased CKA of unrelated data
+    bias_floor                                 sqrt(dx dy / ((n+dx)(n+dy))), biased CKA of unrelated data
+    adjust_p_values, adjust_rows               Holm / Benjamini-Hochberg adjusted p-values
 Pipeline API:
     similarity_rows   -> similarity.csv rows (ROW_KEYS)
     diagnostics_rows  -> similarity_diagnostics.csv rows (DIAGNOSTIC_KEYS)
@@ -18,7 +19,7 @@ from .estimators import bias_floor, cka, cka_matrix, debiased_cka, linear_cka, r
 from .config import MEASURES, SimilarityConfig, SimilarityError
 from .diagnostics import DIAGNOSTIC_KEYS, diagnostics_rows
 from .measures import mutual_knn, procrustes, pwcca, svcca
-from .rows import ROW_KEYS, similarity_rows
+from .rows import ROW_KEYS, adjust_p_values, adjust_rows, similarity_rows
 from .stream import minibatch_cka, streaming_cka
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "SimilarityConfig",
     "SimilarityError",
     "SimilarityWarning",
+    "adjust_p_values",
+    "adjust_rows",
     "bias_floor",
     "cka",
     "cka_matrix",

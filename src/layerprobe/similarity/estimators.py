@@ -252,7 +252,9 @@ def rbf_grams(x, layers: Sequence[int], device, dtype: torch.dtype, threshold: f
     """RBF Grams exp(-|xi - xj|^2 / (2 t^2 median |xi - xj|^2)), Kornblith et al.'s bandwidth rule.
 
     The median runs over all n^2 entries (diagonal zeros included), as in the reference code
-    of Kornblith et al. (2019), so results match theirs. Distances come from float64 products.
+    of Kornblith et al. (2019), so results match theirs. When that median is 0 (half or more
+    of the distances are zero: many tied examples) the median of the nonzero distances is
+    used, with a warning. Distances come from float64 products.
     """
     grams, zero = [], []
     for layer in layers:
@@ -261,7 +263,19 @@ def rbf_grams(x, layers: Sequence[int], device, dtype: torch.dtype, threshold: f
         with exact_matmul():
             d2 = (sq[:, None] + sq[None, :] - 2.0 * (c @ c.T)).clamp_min(0.0)
         med = _median(d2.flatten())
-        flat = bool(zero_variance(sq.sum(), ss, len(sq))) or float(med) <= 0.0
+        flat = bool(zero_variance(sq.sum(), ss, len(sq)))
+        if not flat and float(med) <= 0.0:
+            # Half or more of the pairwise distances are zero (tied examples): Kornblith et al.'s median
+            # over all n^2 entries is 0, so fall back to the median of the nonzero distances.
+            nonzero = d2[d2 > 0]
+            share = 1.0 - nonzero.numel() / d2.numel()
+            warnings.warn(
+                f"rbf_cka: {share:.0%} of pairwise squared distances are zero (tied examples), so the median of all of them is 0; "
+                "the bandwidth uses the median of the nonzero distances instead",
+                SimilarityWarning,
+                stacklevel=4,
+            )
+            med = _median(nonzero)
         zero.append(flat)
         grams.append(torch.exp(-d2 / (2.0 * threshold**2 * med)).to(dtype) if not flat else torch.zeros_like(d2, dtype=dtype))
     n = grams[0].shape[0]
@@ -449,9 +463,15 @@ def rbf_cka(x, y, threshold: float = 1.0, debiased: bool = False, **kw) -> float
     return cka(x, y, "rbf", debiased, threshold, **kw)
 
 
-def bias_floor(n: int, d: int) -> float:
-    """Approximate value of biased linear CKA between unrelated isotropic representations: d / (n + d)."""
-    return d / (n + d)
+def bias_floor(n: int, d_x: int, d_y: Optional[int] = None) -> float:
+    """Approximate biased linear CKA between unrelated isotropic representations of widths d_x, d_y.
+
+    sqrt(d_x d_y / ((n + d_x)(n + d_y))), which is d / (n + d) when d_x = d_y = d (d_y=None).
+    """
+    d_y = d_x if d_y is None else d_y
+    if n < 1 or d_x < 1 or d_y < 1:
+        raise SimilarityError(f"bias_floor needs n >= 1 and widths >= 1, got n={n}, d_x={d_x}, d_y={d_y}")
+    return math.sqrt(d_x * d_y / ((n + d_x) * (n + d_y)))
 
 
 def check_sample_size(n: int, debiased: bool) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from ._arrays import read_layer
 from .estimators import DTYPES, GramStats, StoredGrams, centred_with_scale, feature_stats, gram_stats, linear_grams, rbf_grams
-from .measures import Spectrum, knn_indices, mutual_knn_value, permuted_knn, procrustes_value, pwcca_value, spectrum, svcca_value
+from .measures import PROCRUSTES_FORMS, Spectrum, knn_indices, mutual_knn_value, permuted_knn, procrustes_value, pwcca_value, spectrum, svcca_value
 
 
 @dataclass
@@ -209,7 +209,7 @@ class RbfCKA(GramFamily):
 
 
 class Spectral(Family):
-    measures = ("svcca", "pwcca", "procrustes")
+    measures = ("svcca", "pwcca", "procrustes", "procrustes_sq", "procrustes_angular")
 
     def __init__(self, measures, paired: bool, svcca_variance: float):
         self.active = [m for m in self.measures if m in measures]
@@ -236,7 +236,7 @@ class Spectral(Family):
             return svcca_value(a, b, self.share)
         if measure == "pwcca":
             return pwcca_value(a, b)
-        return procrustes_value(a, b)
+        return procrustes_value(a, b, PROCRUSTES_FORMS[measure])
 
 
 class Knn(Family):

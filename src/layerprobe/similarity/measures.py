@@ -28,6 +28,9 @@ from .estimators import centred_with_scale, zero_variance
 
 # Singular values below this fraction of the largest are numerical zeros (rank deficiency).
 _RANK_RTOL = 1e-10
+# Morcos et al.'s code keeps neurons with variance >= epsilon (their examples use 1e-10): dead
+# neurons do not count; here relative to the layer's largest neuron variance, so units do not matter.
+_NEURON_RTOL = 1e-10
 
 
 @dataclass
@@ -38,10 +41,11 @@ class Spectrum:
     s: torch.Tensor  # [r]
     v: torch.Tensor  # [d, r]
     zero: bool = False  # a constant layer: every measure of it is NaN
+    neurons: int = 0  # neurons (columns) whose variance survives the filter of Morcos et al.'s code
 
     def rows(self, idx: torch.Tensor) -> "Spectrum":
         """The same layer with its examples reordered (a permutation): still an exact SVD."""
-        return Spectrum(self.u[idx], self.s, self.v, self.zero)
+        return Spectrum(self.u[idx], self.s, self.v, self.zero, self.neurons)
 
     def top_variance(self, share: float) -> int:
         """Fewest leading directions holding `share` of the variance (SVCCA's truncation)."""
@@ -55,7 +59,9 @@ def spectrum(centred: torch.Tensor, raw_scale: torch.Tensor) -> Spectrum:
     u, s, vh = torch.linalg.svd(centred, full_matrices=False)
     zero = bool(zero_variance(centred.square().sum(), raw_scale, centred.shape[0]))
     rank = 0 if zero or not s.numel() else int((s > _RANK_RTOL * s[0]).sum())
-    return Spectrum(u[:, :rank], s[:rank], vh[:rank].T, zero)
+    var = centred.square().sum(0)
+    neurons = 0 if zero else int((var > _NEURON_RTOL * var.max()).sum())
+    return Spectrum(u[:, :rank], s[:rank], vh[:rank].T, zero, neurons)
 
 
 def _undefined(name: str, *sides) -> Optional[torch.Tensor]:
@@ -99,30 +105,43 @@ def pwcca_value(a: Spectrum, b: Spectrum) -> torch.Tensor:
     """Projection-weighted mean canonical correlation, sum_i alpha_i rho_i.
 
     alpha_i ~ sum_j |<h_i, z_j>| over the neurons z_j (columns) of the side whose canonical
-    variates h_i are used; as in Morcos et al.'s code that is the side with fewer neurons
-    (model a on ties), so PWCCA is not symmetric.
+    variates h_i are used; as in Morcos et al.'s code (``compute_pwcca``) that is the side with
+    fewer neurons surviving the variance filter (dead neurons do not count; model a on ties),
+    so PWCCA is not symmetric.
     """
     if (nan := _undefined("pwcca", a, b)) is not None:
         return nan
     _warn_degenerate(a.u.shape[1], b.u.shape[1], a.u.shape[0], "pwcca")
     rho, p, q = canonical_correlations(a.u, b.u)
-    side, rot = (a, p) if a.v.shape[0] <= b.v.shape[0] else (b, q)
+    side, rot = (a, p) if a.neurons <= b.neurons else (b, q)
     k = rho.numel()
     # h_i = U rot_i, z = U S V', so <h_i, z_j> = (rot' S V')_ij without touching the n rows.
     weights = (rot[:, :k].T @ (side.s[:, None] * side.v.T)).abs().sum(1)
     return (weights / weights.sum() * rho).sum()
 
 
-def procrustes_value(a: Spectrum, b: Spectrum) -> torch.Tensor:
-    """Squared orthogonal Procrustes distance of the unit-Frobenius-norm centred layers.
+PROCRUSTES_FORMS = {"procrustes": "metric", "procrustes_sq": "squared", "procrustes_angular": "angular"}
 
-    min_Q |A - B Q|_F^2 over orthogonal Q = 2 - 2 |A'B|_* (nuclear norm); 0 = same up to rotation.
+
+def procrustes_value(a: Spectrum, b: Spectrum, form: str = "metric") -> torch.Tensor:
+    """Orthogonal Procrustes distance of the unit-Frobenius-norm centred layers A, B.
+
+    With r = |A'B|_* (nuclear norm, in [0, 1]): ``squared`` = min_Q |A - B Q|_F^2 = 2 - 2r;
+    ``metric`` = sqrt(2 - 2r), the Euclidean distance between the shapes (a metric: the
+    triangle inequality holds); ``angular`` = arccos(r), the Riemannian shape metric of
+    Williams et al. (2021). 0 = same up to rotation, translation and scale.
     """
     if (nan := _undefined("procrustes", a, b)) is not None:
         return nan
     m = (a.s[:, None] * (a.u.T @ b.u)) * b.s[None, :]
-    nuclear = torch.linalg.svdvals(m).sum()
-    return (2.0 - 2.0 * nuclear / (a.s.norm() * b.s.norm())).clamp_min(0.0)
+    r = (torch.linalg.svdvals(m).sum() / (a.s.norm() * b.s.norm())).clamp(0.0, 1.0)
+    if form == "squared":
+        return 2.0 - 2.0 * r
+    if form == "metric":
+        return torch.sqrt(2.0 - 2.0 * r)
+    if form == "angular":
+        return torch.arccos(r)
+    raise SimilarityError(f"procrustes form={form!r} is invalid; use 'metric', 'squared' or 'angular'")
 
 
 def knn_indices(x: torch.Tensor, k: int) -> Optional[torch.Tensor]:
@@ -179,9 +198,13 @@ def pwcca(x, y) -> float:
     return float(pwcca_value(*_spectra(x, y)))
 
 
-def procrustes(x, y) -> float:
-    """Squared orthogonal Procrustes distance (Ding et al. 2021) between normalised centred x and y, in [0, 2]."""
-    return float(procrustes_value(*_spectra(x, y)))
+def procrustes(x, y, form: str = "metric") -> float:
+    """Orthogonal Procrustes distance between normalised centred x and y (Ding et al. 2021; Williams et al. 2021).
+
+    form: ``metric`` (default) sqrt(2 - 2 |A'B|_*) in [0, sqrt 2], a metric; ``squared``
+    2 - 2 |A'B|_* in [0, 2] (not a metric); ``angular`` arccos |A'B|_* in [0, pi/2], a metric.
+    """
+    return float(procrustes_value(*_spectra(x, y), form=form))
 
 
 def mutual_knn(x, y, k: int = 10, device: Optional[str] = None) -> float:

@@ -7,7 +7,7 @@ One call compares every requested pair of models of one task on the same example
 2. walk the layers in groups (one layer at a time for matched layers, all layers at once
    for the layer x layer matrix), so memory holds one group's Grams, not the whole store;
 3. per group, prepare each model once per measure family and evaluate every pair, then the
-   half-sample bootstrap and the permutation null by re-indexing what was prepared.
+   subsampling intervals and the permutation null by re-indexing what was prepared.
 """
 
 import math
@@ -20,12 +20,13 @@ import torch
 
 from ._arrays import SimilarityWarning, check_same_examples, check_same_ids, check_stack, joint_rows, resolve_layers
 from .estimators import check_sample_size, feature_space_is_cheaper
-from .config import SimilarityConfig, SimilarityError
+from .config import DISTANCE_MEASURES, SimilarityConfig, SimilarityError
 from .families import Knn, Layers, LinearCKA, RbfCKA, Spectral
 
-ROW_KEYS = ("task", "model_a", "model_b", "layer_a", "layer_b", "measure", "value", "ci_low", "ci_high", "null_mean", "p_value", "n")
+ROW_KEYS = ("task", "model_a", "model_b", "layer_a", "layer_b", "measure", "value", "ci_low", "ci_high", "null_mean", "p_value",
+            "p_adjusted", "n")
 # Distances: smaller = more similar, so the permutation p-value counts nulls at or below the value.
-SMALLER_IS_CLOSER = {"procrustes"}
+SMALLER_IS_CLOSER = set(DISTANCE_MEASURES)
 
 
 @dataclass
@@ -145,37 +146,111 @@ def _ids_by_role(ids, roles) -> dict:
 class Resamples:
     """Index sets shared by every group, pair and family, drawn once from `cfg.seed`.
 
-    Bootstrap = half-sampling: m = n // 2 examples drawn WITHOUT replacement. Drawing with
-    replacement would duplicate examples, and a duplicated pair (i, j) with x_i = x_j breaks
-    the U-statistic behind debiased CKA (and inflates the d/(n+d) floor of biased CKA).
-    The spread of a half-sample estimate around the full one has the variance of the full
-    estimate itself (Var = s^2 (1/m - 1/n) = s^2/n at m = n/2); the interval rescales by
-    sqrt(m / (n - m)) for odd n, and is centred on the full-sample value, so a shift of the
-    estimator with sample size (biased CKA) does not move it.
+    Confidence intervals come from subsampling WITHOUT replacement at two sizes, m1 = n // 2
+    and m2 = 3n // 4 (`bootstrap` subsamples each). Drawing with replacement would duplicate
+    examples, and a duplicated pair (i, j) with x_i = x_j breaks the U-statistic behind
+    debiased CKA (and inflates the d/(n+d) floor of biased CKA).
+
+    For a U-statistic of order 2 the variance is a/n + b/n^2 (a: the linear part of its
+    Hoeffding decomposition, b: the degenerate part, which is all there is when two
+    representations are unrelated). The delete-(n-m) jackknife variance
+    V(m) = m / (n - m) * Var(estimate_m) has expectation a/n + (1 + n/m) b/n^2, so the
+    plain half-sample interval (m = n/2) counts the degenerate part three times (sqrt(3)
+    too wide near CKA = 0). V is linear in t = n/m, so extrapolating the two sizes to t = 0
+    gives a/n + b/n^2, the variance of the full-sample estimate, in both regimes:
+    V = V(m2) - t2 (V(m1) - V(m2)) / (t1 - t2), clipped to [V(m2) / (1 + t2), V(m2)] (a, b >= 0).
+    The interval is value + sqrt(V) * (quantiles of the m2-deviations divided by their SD):
+    centred on the full-sample value, so it covers what the estimator estimates at this n
+    (for debiased CKA the population CKA; for biased CKA its own expectation at this n, which
+    sits above the population value by about the bias floor).
     """
 
     def __init__(self, n: int, cfg: SimilarityConfig, device: torch.device):
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.n, self.m, self.level = n, n // 2, cfg.ci
-        self.subs = []
-        if cfg.bootstrap and self.m < 4:
+        self.n, self.level = n, cfg.ci
+        self.sizes = (n // 2, (3 * n) // 4)
+        self.subs = ([], [])
+        if cfg.bootstrap and self.sizes[0] < 4:
             warnings.warn(f"bootstrap needs at least 8 examples (half-samples of 4), got {n}; confidence intervals are NaN", SimilarityWarning, stacklevel=3)
         elif cfg.bootstrap:
-            self.subs = [torch.randperm(n, generator=gen)[: self.m].sort().values.to(device) for _ in range(cfg.bootstrap)]
+            # nested: each m1-subsample is the start of an m2-subsample, so the two variance estimates
+            # share most of their Monte Carlo noise and their difference (the extrapolation) is stable
+            perms = [torch.randperm(n, generator=gen) for _ in range(cfg.bootstrap)]
+            self.subs = tuple([p[:m].sort().values.to(device) for p in perms] for m in self.sizes)
         self.perms = [torch.randperm(n, generator=gen).to(device) for _ in range(cfg.permutations)]
 
     def run(self, family, pa, pb):
-        """({measure: [B, ...]} half-sample values, {measure: [P, ...]} permutation values)."""
+        """(({measure: [B, ...]} at m1, {measure: [B, ...]} at m2) or None, {measure: [P, ...]} permutation values)."""
         with warnings.catch_warnings():  # zero-variance warnings were already given on the full sample
             warnings.simplefilter("ignore", SimilarityWarning)
-            return family.evaluate_many(pa, pb, self.subs, self.perms)
+            first, perms = family.evaluate_many(pa, pb, self.subs[0], self.perms)
+            second, _ = family.evaluate_many(pa, pb, self.subs[1], [])
+        boots = {m: (first[m], second[m]) for m in first} if first else {}
+        return boots, perms
 
-    def interval(self, value: torch.Tensor, boots: torch.Tensor):
-        dev = boots - boots.nanmean(0)
-        scale = math.sqrt(self.m / (self.n - self.m))
-        lo = torch.nanquantile(dev, (1 - self.level) / 2, dim=0)
-        hi = torch.nanquantile(dev, (1 + self.level) / 2, dim=0)
-        return value + scale * lo, value + scale * hi
+    def variance(self, boots) -> tuple:
+        """(extrapolated variance of the full-sample estimate, m2-deviations)."""
+        (b1, b2), (m1, m2) = boots, self.sizes
+        out = []
+        for b, m in ((b1, m1), (b2, m2)):
+            dev = b - b.nanmean(0)
+            count = torch.isfinite(dev).sum(0).clamp_min(2)
+            out.append((m / (self.n - m) * torch.nansum(dev * dev, 0) / (count - 1), dev))
+        (v1, _), (v2, dev2) = out
+        t1, t2 = self.n / m1, self.n / m2
+        v = v2 - t2 * (v1 - v2) / (t1 - t2)
+        return torch.minimum(torch.maximum(v, v2 / (1 + t2)), v2), dev2
+
+    def interval(self, value: torch.Tensor, boots):
+        v, dev = self.variance(boots)
+        sd = torch.sqrt(torch.nansum(dev * dev, 0) / (torch.isfinite(dev).sum(0).clamp_min(2) - 1))
+        z = dev / sd.clamp_min(1e-300)
+        lo = torch.nanquantile(z, (1 - self.level) / 2, dim=0)
+        hi = torch.nanquantile(z, (1 + self.level) / 2, dim=0)
+        scale = torch.sqrt(v)
+        lo, hi = value + scale * lo, value + scale * hi
+        flat = sd <= 0  # no spread at all (e.g. identical representations): a zero-width interval
+        return torch.where(flat, value, lo), torch.where(flat, value, hi)
+
+
+def adjust_p_values(p, method: str = "holm") -> np.ndarray:
+    """Multiplicity-adjusted p-values of one family; NaN entries are not part of the family.
+
+    ``holm``: Holm (1979) step-down, controls the family-wise error rate under any dependence.
+    ``bh``: Benjamini & Hochberg (1995) step-up, controls the false discovery rate (for
+    independent or positively dependent tests). ``none``: unchanged.
+    """
+    p = np.asarray(p, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    m = int(ok.sum())
+    if method == "none" or m == 0:
+        return p.copy()
+    if method not in ("holm", "bh"):
+        raise SimilarityError(f"p_adjust={method!r} is invalid; use 'holm', 'bh' or 'none'")
+    vals = p[ok]
+    order = np.argsort(vals, kind="stable")
+    ranked = vals[order]
+    if method == "holm":
+        adj = np.maximum.accumulate((m - np.arange(m)) * ranked)
+    else:
+        adj = np.minimum.accumulate((m / np.arange(1, m + 1) * ranked)[::-1])[::-1]
+    res = np.empty(m)
+    res[order] = np.minimum(adj, 1.0)
+    out[ok] = res
+    return out
+
+
+def adjust_rows(rows: list, method: str = "holm") -> list:
+    """Fill ``p_adjusted`` of similarity rows: one family per (model_a, model_b, measure), across all tasks and cells."""
+    families: dict = {}
+    for i, row in enumerate(rows):
+        families.setdefault((row["model_a"], row["model_b"], row["measure"]), []).append(i)
+    for idx in families.values():
+        adjusted = adjust_p_values([rows[i].get("p_value", math.nan) for i in idx], method)
+        for i, v in zip(idx, adjusted):
+            rows[i]["p_adjusted"] = float(v)
+    return rows
 
 
 def similarity_rows(task: str, features: dict, pairs, cfg, ids=None, layers=None, rows=None) -> list:
@@ -217,7 +292,7 @@ def similarity_rows(task: str, features: dict, pairs, cfg, ids=None, layers=None
                 boots, perms = resamples.run(fam, pa, pb)
                 for measure, value in values.items():
                     out += _rows(task, run, a, b, group, measure, value, nulls.get(measure), boots.get(measure), perms.get(measure), resamples)
-    return out
+    return adjust_rows(out, cfg.p_adjust)  # this task's family; the pipeline re-adjusts across all tasks
 
 
 def _families(run: Run, cfg: SimilarityConfig) -> list:
@@ -229,7 +304,7 @@ def _families(run: Run, cfg: SimilarityConfig) -> list:
         fams.append(LinearCKA(cfg.measures, run.paired, feature_space, cfg.gram_dtype))
     if "rbf_cka" in cfg.measures:
         fams.append(RbfCKA(run.paired, cfg.gram_dtype, cfg.rbf_threshold))
-    if {"svcca", "pwcca", "procrustes"} & set(cfg.measures):
+    if set(Spectral.measures) & set(cfg.measures):
         fams.append(Spectral(cfg.measures, run.paired, cfg.svcca_variance))
     if "mutual_knn" in cfg.measures:
         fams.append(Knn(run.paired, cfg.knn_k))
@@ -252,6 +327,6 @@ def _rows(task, run, a, b, group, measure, value, null, boots, perms, resamples)
     cells = list(zip(la, lb)) if run.paired else [(x, y) for x in la for y in lb]
     cols = [t.detach().flatten().cpu().tolist() for t in (value, lo, hi, null, p_value)]
     return [
-        dict(zip(ROW_KEYS, (task, a, b, int(x), int(y), measure, v, l, h, nm, p, run.n)))
+        dict(zip(ROW_KEYS, (task, a, b, int(x), int(y), measure, v, l, h, nm, p, math.nan, run.n)))
         for (x, y), v, l, h, nm, p in zip(cells, *cols)
     ]

@@ -22,9 +22,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ._arrays import SimilarityWarning, as_output, check_pair, device_of, num_examples, read_layer, resolve_layers
-from .config import SimilarityError
-from .estimators import DTYPES, check_sample_size, gram_stats, linear_grams
+from ._arrays import SimilarityWarning, as_output, check_pair, device_of, joint_rows, num_examples, read_layer, resolve_layers
+from .config import NAN_POLICIES, SimilarityError
+from .estimators import DTYPES, _warn_undefined, check_sample_size, gram_stats, linear_grams, zero_variance
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -64,6 +64,8 @@ class PairMoments:
         self.sxx, self.syy, self.sxy = z(da, da), z(db, db), z(da, db)
         self.sa, self.sb, self.saa, self.sbb, self.sab = z(()), z(()), z(()), z(()), z(())
         self.sax, self.say, self.sbx, self.sby = z(da), z(db), z(da), z(db)
+        self.shift_a2 = self.shift_b2 = 0.0  # |shift|^2 of each side, for the zero-variance scale
+        self.zero = (False, False)
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add a batch of shifted examples x [m, da], y [m, db]."""
@@ -113,7 +115,9 @@ class PairMoments:
         c1, c2 = n / (n - 2), 1.0 / ((n - 1) * (n - 2))
         deb = [txy - c1 * kl + c2 * kx * ky, txx - c1 * kk + c2 * kx * kx, tyy - c1 * ll + c2 * ky * ky]
         norm = torch.sqrt(txx * tyy)
-        zero = bool(kx <= 0) or bool(ky <= 0)
+        # zero variance relative to the raw (unshifted) scale, as on the batch path
+        self.zero = (bool(zero_variance(kx, self.sa + n * self.shift_a2, int(n))), bool(zero_variance(ky, self.sb + n * self.shift_b2, int(n))))
+        zero = any(self.zero)
         out = {
             "linear_cka": float(txy / norm),
             "debiased_cka": float(deb[0] / torch.sqrt(deb[1] * deb[2])) if deb[1] > 0 and deb[2] > 0 else math.nan,
@@ -134,16 +138,26 @@ class PairMoments:
         )
 
 
-def streaming_cka(a, b, batch_size: int = 1024, layers: Optional[Sequence[int]] = None, all_reduce: Optional[AllReduce] = None, device=None) -> dict:
+def _check_nan_policy(nan_policy: str) -> None:
+    if nan_policy not in NAN_POLICIES:
+        raise SimilarityError(f"nan_policy={nan_policy!r} is invalid; use one of {list(NAN_POLICIES)}")
+
+
+def streaming_cka(a, b, batch_size: int = 1024, layers: Optional[Sequence[int]] = None, all_reduce: Optional[AllReduce] = None,
+                  device=None, nan_policy: str = "error") -> dict:
     """Exact biased and debiased linear CKA of matched layers, reading `batch_size` rows at a time.
 
     a, b: [n, L+1, d] (memmaps welcome), this rank's share of the examples. Returns
     {"linear_cka": [L], "debiased_cka": [L], "null_linear_cka": [L], "null_debiased_cka": [L],
-    "layers": [...], "n": n summed over ranks}.
+    "layers": [...], "n": n summed over ranks}. nan_policy as in `cka_matrix`: ``error`` names
+    the first NaN/inf's layer and example, ``mask`` drops those examples from both models
+    (one chunked pass over the stores). A constant layer gives NaN with a SimilarityWarning.
     """
     check_pair(a, b, 3)
+    _check_nan_policy(nan_policy)
     la, lb = resolve_layers(a, layers, "a"), resolve_layers(b, layers, "b")
-    out = exact_layers(a, b, la, lb, batch_size, None, device_of(a, device), all_reduce or default_all_reduce)
+    rows = joint_rows({"a": a, "b": b}, {"a": la, "b": lb}, nan_policy)
+    out = exact_layers(a, b, la, lb, batch_size, rows, device_of(a, device), all_reduce or default_all_reduce)
     out["layers"] = la
     return out
 
@@ -151,9 +165,11 @@ def streaming_cka(a, b, batch_size: int = 1024, layers: Optional[Sequence[int]] 
 def exact_layers(xa, xb, la, lb, batch_size, rows, device, reduce) -> dict:
     """One pass per matched layer pair over the (kept) rows; memory is that layer's moments."""
     out = {"linear_cka": [], "debiased_cka": [], "null_linear_cka": [], "null_debiased_cka": [], "n": 0}
+    zero_a, zero_b = [], []
     for layer_a, layer_b in zip(la, lb):
         shift_a, shift_b = _common_shift(xa, xb, layer_a, layer_b, rows, batch_size, device, reduce)
         mom = PairMoments(shift_a.numel(), shift_b.numel(), device)
+        mom.shift_a2, mom.shift_b2 = float(shift_a.dot(shift_a)), float(shift_b.dot(shift_b))
         for idx in _batches(rows, num_examples(xa), batch_size):
             mom.update(read_layer(xa, layer_a, device, idx) - shift_a, read_layer(xb, layer_b, device, idx) - shift_b)
         mom.all_reduce(reduce)
@@ -161,6 +177,9 @@ def exact_layers(xa, xb, la, lb, batch_size, rows, device, reduce) -> dict:
         check_sample_size(out["n"], True)
         for k, v in mom.result().items():
             out[k].append(v)
+        zero_a.append(mom.zero[0])
+        zero_b.append(mom.zero[1])
+    _warn_undefined(torch.tensor(zero_a, dtype=torch.bool), torch.tensor(zero_b, dtype=torch.bool), False)
     return out
 
 
@@ -181,25 +200,40 @@ def _common_shift(a, b, layer_a, layer_b, rows, batch_size, dev, reduce):
 class MinibatchHSIC:
     """Per-batch unbiased HSIC of every (layer_a, layer_b) pair, summed (and kept for the bootstrap)."""
 
-    def __init__(self, keep_batches: bool):
+    def __init__(self, keep_batches: bool, gram_dtype: str = "float32"):
+        # float32 Gram products carry ~1e-7 relative error per entry: a debiased self term below
+        # this share of the biased one is rounding noise, not variance
+        self.tol = 1e-5 if gram_dtype == "float32" else 1e-10
         self.sum = None
         self.batches = [] if keep_batches else None
         self.zero_a = self.zero_b = None
 
     def add(self, st) -> None:
-        # A layer constant within a batch has no HSIC to speak of; it is NaN in the result.
-        self.zero_a = st.zero_a if self.zero_a is None else self.zero_a | st.zero_a
-        self.zero_b = st.zero_b if self.zero_b is None else self.zero_b | st.zero_b
+        # A layer constant within one batch has a zero Gram there: its U-statistics are exactly 0,
+        # an unbiased draw like any other, so the batch counts with zeros (never NaN). Only a layer
+        # constant in every batch is undefined.
+        za, zb = st.zero_a.clone(), st.zero_b.clone()
+        self.zero_a = za if self.zero_a is None else self.zero_a & za
+        self.zero_b = zb if self.zero_b is None else self.zero_b & zb
         m = st.n
         num, den_a, den_b = st.hsic(debiased=True)
         scale = 1.0 / (m * (m - 3))  # the U-statistic's own normaliser: batches may differ in size
-        vals = torch.cat([num.flatten(), den_a, den_b]) * scale
+        # the biased self terms |K|_F^2, |L|_F^2 give the scale below which a debiased self term is rounding noise
+        mag_a = st.self_a + (st.diag_a**2).sum(-1)
+        mag_b = st.self_b + (st.diag_b**2).sum(-1)
+        vals = torch.cat([num.flatten(), den_a, den_b, mag_a, mag_b]) * scale
         self.sum = vals.clone() if self.sum is None else self.sum + vals
         if self.batches is not None:
             self.batches.append(vals)
 
     def cka(self, la: int, lb: int, total: torch.Tensor) -> torch.Tensor:
-        return _ratio(total, la, lb).masked_fill(self.zero_a[:, None] | self.zero_b[None, :], math.nan)
+        at = la * lb
+        den_a, den_b = total[at : at + la], total[at + la : at + la + lb]
+        mag_a, mag_b = total[at + la + lb : at + 2 * la + lb], total[at + 2 * la + lb :]
+        bad_a = self.zero_a | (den_a <= self.tol * mag_a)
+        bad_b = self.zero_b | (den_b <= self.tol * mag_b)
+        _warn_undefined(bad_a, bad_b, True)
+        return _ratio(total, la, lb).masked_fill(bad_a[:, None] | bad_b[None, :], math.nan)
 
     def bootstrap(self, la, lb, resamples: int, level: float, seed: int):
         """Percentile interval from resampling whole batches with replacement (batches are independent)."""
@@ -214,7 +248,7 @@ class MinibatchHSIC:
 
 def _ratio(total: torch.Tensor, la: int, lb: int) -> torch.Tensor:
     num = total[: la * lb].reshape(la, lb)
-    den_a, den_b = total[la * lb : la * lb + la], total[la * lb + la :]
+    den_a, den_b = total[la * lb : la * lb + la], total[la * lb + la : la * lb + la + lb]
     bad = (den_a <= 0)[:, None] | (den_b <= 0)[None, :]
     return (num / torch.sqrt(den_a.clamp_min(1e-300)[:, None] * den_b.clamp_min(1e-300)[None, :])).masked_fill(bad, math.nan)
 
@@ -229,20 +263,28 @@ def minibatch_cka(
     all_reduce: Optional[AllReduce] = None,
     gram_dtype: str = "float32",
     device=None,
+    nan_policy: str = "error",
 ):
     """Minibatch CKA matrix [La, Lb] (Nguyen et al. 2021), never forming more than batch x batch Grams.
 
-    Batches are a seeded shuffle of the examples split into n // batch_size parts (each at
-    least `batch_size` >= 4 examples). b=None gives the within-model matrix.
+    Batches are a seeded shuffle (numpy default_rng(seed).permutation) of the compared
+    examples split by numpy.array_split into n // batch_size parts (each at least
+    `batch_size` >= 4 examples). b=None gives the within-model matrix. nan_policy as in
+    `cka_matrix` (``mask`` drops NaN/inf examples from both models before batching). A
+    layer constant within some batches counts there with HSIC 0; one constant in every
+    batch is NaN with a SimilarityWarning.
     """
     b = check_pair(a, b, 3)
+    _check_nan_policy(nan_policy)
     if batch_size < 4:
         raise SimilarityError(f"batch_size={batch_size} is too small: an unbiased HSIC needs at least 4 examples per batch")
     la, lb = resolve_layers(a, layers_a, "a"), resolve_layers(b, layers_b, "b")
     dev = device_of(a, device)
-    acc = MinibatchHSIC(keep_batches=False)
+    acc = MinibatchHSIC(keep_batches=False, gram_dtype=gram_dtype)
     roles = {"a": (a, la)} if (b is a and la == lb) else {"a": (a, la), "b": (b, lb)}
-    for grams in _minibatch_grams(roles, None, num_examples(a), batch_size, seed, dev, DTYPES[gram_dtype]):
+    rows = joint_rows({r: x for r, (x, _) in roles.items()}, {r: ls for r, (_, ls) in roles.items()}, nan_policy)
+    n = num_examples(a) if rows is None else len(rows)
+    for grams in _minibatch_grams(roles, rows, n, batch_size, seed, dev, DTYPES[gram_dtype]):
         acc.add(gram_stats(grams["a"], grams.get("b", grams["a"]), paired=False))
     total = (all_reduce or default_all_reduce)(acc.sum)
     return as_output(acc.cka(len(la), len(lb), total), a)
@@ -285,7 +327,7 @@ def stream_rows(task: str, run, cfg) -> list:
             res = exact_layers(xa, xb, la, lb, bs, run.rows, run.device, local_only)
             for m in exact:
                 for pos, (x, y) in enumerate(zip(la, lb)):
-                    out.append(dict(zip(ROW_KEYS, (task, a, b, x, y, m, res[m][pos], math.nan, math.nan, res["null_" + m][pos], math.nan, res["n"]))))
+                    out.append(dict(zip(ROW_KEYS, (task, a, b, x, y, m, res[m][pos], math.nan, math.nan, res["null_" + m][pos], math.nan, math.nan, res["n"]))))
         if "minibatch_cka" in cfg.measures:
             out += _stream_minibatch(task, run, cfg, a, b)
     return out
@@ -296,7 +338,7 @@ def _stream_minibatch(task, run, cfg, a, b) -> list:
 
     la, lb = run.layers[a], run.layers[b]
     keep = cfg.bootstrap > 0
-    acc = MinibatchHSIC(keep_batches=keep)
+    acc = MinibatchHSIC(keep_batches=keep, gram_dtype=cfg.gram_dtype)
     roles = {a: (run.features[a], la), b: (run.features[b], lb)}
     for grams in _minibatch_grams(roles, run.rows, run.n, cfg.stream_batch_size, cfg.seed, run.device, DTYPES[cfg.gram_dtype]):
         acc.add(gram_stats(grams[a], grams[b], paired=False))
@@ -309,6 +351,6 @@ def _stream_minibatch(task, run, cfg, a, b) -> list:
     if run.paired:
         cells = [(i, i) for i in range(min(len(la), len(lb)))]
     return [
-        dict(zip(ROW_KEYS, (task, a, b, la[i], lb[j], "minibatch_cka", float(value[i, j]), float(lo[i, j]), float(hi[i, j]), 0.0, math.nan, run.n)))
+        dict(zip(ROW_KEYS, (task, a, b, la[i], lb[j], "minibatch_cka", float(value[i, j]), float(lo[i, j]), float(hi[i, j]), 0.0, math.nan, math.nan, run.n)))
         for i, j in cells
     ]

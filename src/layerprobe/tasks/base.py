@@ -7,6 +7,7 @@ is compared on exactly the same rows.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ import numpy as np
 from layerprobe.errors import LayerprobeError
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 class TaskError(LayerprobeError):
@@ -105,12 +108,18 @@ def finalize_task(
     source: str = "demo",
     min_per_split: tuple[int, int, int] = (4, 2, 4),
     meta: dict | None = None,
+    warn_empty: bool = True,
 ) -> TaskData:
     """Check a task has a real target and enough rows, then split it.
 
     rows: (id, rendered prompt, label index). Fails with a one-line TaskError naming the
-    task and the fix when the task has fewer than two classes or too few examples.
+    task and the fix when the task has fewer than two classes or too few examples. Empty
+    prompts are kept (the backbone reads just its special tokens) and counted in the log
+    (warn_empty=False: the caller has counted them already).
     """
+    empty = sum(1 for _, text, _ in rows if not text.strip())
+    if empty and warn_empty:
+        log.warning("task '%s': %d of %d prompts are empty (kept; check the data or task.template)", name, empty, len(rows))
     present = sorted({y for _, _, y in rows})
     if len(present) < 2:
         raise TaskError(

@@ -142,6 +142,28 @@ DEMO_TASKS: dict[str, DemoTask] = {
 }
 
 
+def knowledge_texts(n: int, seed: int) -> list[str]:
+    """n short statements of the lexicon's facts (word categories, polarity, number order and
+    parity), for the base's pre-training corpus.
+
+    A real pre-trained model already knows that a hawk is a bird or that awful is negative;
+    instruction tuning teaches it to answer a question with what it knows. Without these
+    statements the tiny demo base would have no notion of a category at all, and tuning
+    would have to teach the lexicon instead of the tasks.
+    """
+    rng = random.Random(f"{seed}:knowledge")
+    facts = []
+    for topic, nouns in TOPICS.items():
+        facts += [f"a {noun} is about {topic}" for noun in nouns]
+    for kind, animals in ANIMALS.items():
+        facts += [f"the {animal} is a {kind}" for animal in animals]
+    facts += [f"{adj} is a positive word" for adj in POSITIVE] + [f"{adj} is a negative word" for adj in NEGATIVE]
+    for a in range(1, 10):
+        facts.append(f"{NUMBERS[a - 1]} is {'even' if a % 2 == 0 else 'odd'}")
+        facts += [f"{NUMBERS[a - 1]} is bigger than {NUMBERS[b - 1]}" for b in range(1, a)]
+    return [rng.choice(facts) for _ in range(n)]
+
+
 def demo_examples(task: DemoTask, n: int, seed: int) -> list[tuple[str, str]]:
     """n (input text, answer) pairs; the same (task, n, seed) always gives the same list.
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from layerprobe.backbone import check_checkpoint, ensure_pad_token, quiet_transformers
+from layerprobe.models.load import check_checkpoint, ensure_pad_token, quiet_transformers
 from layerprobe.errors import LayerprobeError
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,10 @@ def load_tokenizer(checkpoint: str, trust_remote_code: bool = False, revision=No
     return tok
 
 
+def vocab_hash(tokenizer) -> str:
+    return hashlib.sha256(repr(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
 def prepare_prompts(model_cfg, checkpoints: dict[str, str]) -> dict[str, PromptSpec]:
     """Each role's PromptSpec, checked before any backbone runs.
 
@@ -213,7 +217,6 @@ def prepare_prompts(model_cfg, checkpoints: dict[str, str]) -> dict[str, PromptS
     the roles' tokenizers differ (allowed: positions stay aligned by characters, see above).
     """
     specs, vocabularies = {}, {}
-    chat = set(model_cfg.chat_roles or [])
     for role, checkpoint in checkpoints.items():
         check_checkpoint(checkpoint, role)
         try:
@@ -222,8 +225,8 @@ def prepare_prompts(model_cfg, checkpoints: dict[str, str]) -> dict[str, PromptS
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise PromptError(f"could not load the tokenizer of model '{role}' ({checkpoint}): {first}; check the id, "
                               f"your network / HF_TOKEN, or point model.{role} at a local directory") from err
-        specs[role] = make_spec(tok, role in chat, model_cfg.system_prompt, role, checkpoint)
-        vocabularies[role] = hashlib.sha256(repr(sorted(tok.get_vocab().items())).encode()).hexdigest()
+        specs[role] = make_spec(tok, model_cfg.is_chat(role), model_cfg.system_prompt, role, checkpoint)
+        vocabularies[role] = vocab_hash(tok)
     roles = list(checkpoints)
     for role in roles[1:]:
         if vocabularies[role] != vocabularies[roles[0]]:

@@ -1,4 +1,4 @@
-"""Frozen Hugging Face backbones and one-pass capture of every layer.
+"""One-pass capture of every layer of a frozen backbone.
 
 Layer numbering follows Hugging Face `hidden_states`: 0 is the embedding output (the
 input of the first block), 1..L are the outputs of the L blocks. Layer L is the raw
@@ -13,19 +13,11 @@ each hook pools at once, so a forward never keeps L+1 copies of [batch, tokens, 
 from __future__ import annotations
 
 import inspect
-import logging
-import os
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from layerprobe.errors import LayerprobeError
-
-log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from layerprobe.models.load import BackboneError
 
 # Where each architecture family keeps its block list and final norm, relative to the
 # model `AutoModel` returns. Checked in order; the first that exists wins.
@@ -41,10 +33,6 @@ BLOCK_PATHS = [
     "layers.layers",
 ]
 FINAL_NORM_PATHS = ["norm", "ln_f", "final_layer_norm", "model.norm", "transformer.ln_f", "decoder.final_layer_norm"]
-
-
-class BackboneError(LayerprobeError):
-    """A checkpoint that cannot be loaded or captured; the message says how to fix it."""
 
 
 def _get(module: nn.Module, path: str):
@@ -66,7 +54,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and n is not None and len(module) == n:
             return module
     raise BackboneError(
-        f"could not find the transformer blocks of {type(model).__name__}; add its path to layerprobe.backbone.BLOCK_PATHS"
+        f"could not find the transformer blocks of {type(model).__name__}; add its path to layerprobe.models.capture.BLOCK_PATHS"
     )
 
 
@@ -148,7 +136,7 @@ class LayerCapture:
         """One forward; returns pooled features [batch, L+1, d] in float32.
 
         pool_mask: the tokens pooled over (default: the non-pad tokens); the extractor passes the
-        tokens of the user's prompt (layerprobe.prompting), so chat markup is never pooled.
+        tokens of the user's prompt (layerprobe.models.prompting), so chat markup is never pooled.
         """
         self.mask = attention_mask if pool_mask is None else pool_mask
         self.pooled = [None] * self.num_layers
@@ -163,102 +151,3 @@ class LayerCapture:
         return torch.stack(self.pooled, dim=1)
 
 
-def is_local(path_or_id: str) -> bool:
-    return os.path.exists(os.path.expanduser(path_or_id))
-
-
-def looks_like_path(path_or_id: str) -> bool:
-    return path_or_id.startswith(("/", "./", "../", "~", ".\\")) or path_or_id.count("/") > 1 or os.sep + os.sep in path_or_id
-
-
-def check_checkpoint(path_or_id: str, role: str) -> None:
-    if not is_local(path_or_id) and looks_like_path(path_or_id):
-        raise BackboneError(f"checkpoint path for model '{role}' not found: {path_or_id}; fix model.{role}=<hub id or existing dir>")
-
-
-def checkpoint_identity(path_or_id: str, revision: str | None = None) -> dict:
-    """What identifies the weights, for the feature-store fingerprint.
-
-    Local dirs: config.json plus each weight file's name, size and a hash of its first and
-    last MiB (cheap, and changes whenever the weights are rewritten). Hub ids: the commit the
-    revision resolves to, read from the local Hugging Face cache (fetching config.json only).
-    """
-    import hashlib
-
-    if is_local(path_or_id):
-        root = Path(path_or_id).expanduser().resolve()
-        h = hashlib.sha256()
-        files = sorted(p for p in root.iterdir() if p.is_file() and (p.suffix in {".json", ".safetensors", ".bin", ".model"}))
-        for p in files:
-            h.update(p.name.encode())
-            h.update(str(p.stat().st_size).encode())
-            with open(p, "rb") as f:
-                h.update(f.read(1 << 20))
-                if p.stat().st_size > 2 << 20:
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read())
-        return {"kind": "local", "path": str(root), "content": h.hexdigest()}
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = snapshot_download(path_or_id, revision=revision, allow_patterns=["config.json"])
-    except Exception as err:  # hub errors come in many types; all mean the same to the user
-        raise BackboneError(
-            f"could not resolve model '{path_or_id}' on the Hugging Face hub or in its cache ({type(err).__name__}); "
-            "check the id, your network / HF_TOKEN, or point model.<role> at a local directory"
-        ) from err
-    return {"kind": "hub", "id": path_or_id, "commit": Path(snapshot).name}
-
-
-def load_backbone(path_or_id: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False, revision=None,
-                  device_map=None):
-    """Load a frozen, eval-mode backbone and its tokenizer (with a pad token).
-
-    device_map (e.g. "auto"): accelerate places the model over the visible GPUs and it is not
-    moved afterwards. A memory estimate is logged before the weights are read.
-    """
-    import transformers
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
-    try:
-        config = AutoConfig.from_pretrained(path_or_id, **kwargs)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise BackboneError(f"cannot load model config from '{path_or_id}': {first}") from err
-    if getattr(config, "is_encoder_decoder", False):
-        raise BackboneError(f"'{path_or_id}' is an encoder-decoder model; layerprobe captures decoder-only or encoder-only stacks")
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    from layerprobe.modelsets import log_memory_estimate
-
-    log_memory_estimate(path_or_id, config, dtype, device_map, trust_remote_code)
-    placement = {"device_map": device_map} if device_map else {}
-    with quiet_transformers():  # AutoModel drops the LM head of causal checkpoints: expected, not news
-        model = AutoModel.from_pretrained(path_or_id, config=config, **{dtype_key: DTYPES[dtype]}, **placement, **kwargs)
-    model.eval().requires_grad_(False)
-    if not device_map:
-        model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
-    ensure_pad_token(tokenizer)
-    return model, tokenizer
-
-
-def ensure_pad_token(tokenizer) -> None:
-    """Tokenizers without a pad token reuse EOS (or UNK); pads are masked out anyway."""
-    if tokenizer.pad_token_id is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token or tokenizer.bos_token
-        if fallback is None:
-            raise BackboneError("the tokenizer has no pad, eos, unk or bos token to pad with; set tokenizer.pad_token")
-        tokenizer.pad_token = fallback
-
-
-@contextmanager
-def quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
