@@ -76,12 +76,10 @@ def test_second_run_does_not_touch_the_backbone(llama_dir, task, tmp_path, monke
     assert "backbone not run" in caplog.text
 
 
-def test_interrupted_extraction_resumes_to_identical_arrays(llama_dir, task, tmp_path, monkeypatch):
-    cfg = ExtractConfig(shard_size=8, batch_size=4)
-    reference, _ = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "ref")["sentiment"].load()
-
-    written = []
+def _crash_after_two_shards(llama_dir, task, cfg, run_dir, monkeypatch) -> FeatureStore:
+    """Extract until two shards are written, then die as a killed job would; return the partial store."""
     real_write = FeatureStore.write_shard
+    written = []
 
     def write_then_die(self, index, features):
         real_write(self, index, features)
@@ -91,9 +89,16 @@ def test_interrupted_extraction_resumes_to_identical_arrays(llama_dir, task, tmp
 
     monkeypatch.setattr(FeatureStore, "write_shard", write_then_die)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")
+        ensure_features("base", str(llama_dir), [task], cfg, TRAINER, run_dir)
     monkeypatch.setattr(FeatureStore, "write_shard", real_write)
-    store = FeatureStore(next(p for p in (tmp_path / "run" / "features").iterdir() if p.is_dir()))
+    return FeatureStore(next(p for p in (run_dir / "features").iterdir() if p.is_dir()))
+
+
+def test_interrupted_extraction_resumes_to_identical_arrays(llama_dir, task, tmp_path, monkeypatch):
+    cfg = ExtractConfig(shard_size=8, batch_size=4)
+    reference, _ = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "ref")["sentiment"].load()
+
+    store = _crash_after_two_shards(llama_dir, task, cfg, tmp_path / "run", monkeypatch)
     assert not store.complete and store.finished_shards() == {0, 1}
     with pytest.raises(FeatureError, match="incomplete"):
         store.load()
@@ -203,18 +208,7 @@ def test_same_size_corruption_is_caught_by_the_checksum_on_request(llama_dir, ta
 def test_corrupted_shard_is_caught_at_finalize_and_extracted_again(llama_dir, task, tmp_path, monkeypatch, caplog):
     cfg = ExtractConfig(shard_size=8, batch_size=4)
     reference = _reference(llama_dir, task, tmp_path, cfg)
-    real_write = FeatureStore.write_shard
-
-    def write_then_die(self, index, features):
-        real_write(self, index, features)
-        if index == 1:
-            raise RuntimeError("simulated crash after two shards")
-
-    monkeypatch.setattr(FeatureStore, "write_shard", write_then_die)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")
-    monkeypatch.setattr(FeatureStore, "write_shard", real_write)
-    store = FeatureStore(next(p for p in (tmp_path / "run" / "features").iterdir() if p.is_dir()))
+    store = _crash_after_two_shards(llama_dir, task, cfg, tmp_path / "run", monkeypatch)
     shard = store.shard_path(0)
     _zero_rows(shard, slice(2, 6), reference[0].nbytes, _npy_header_len(shard))  # same size, rows zeroed
 
