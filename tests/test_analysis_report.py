@@ -136,7 +136,63 @@ def test_cli_reports_the_latest_partial_sweep_into_its_own_dir(tmp_path):
 def test_cli_error_is_one_line_and_nonzero(tmp_path):
     (tmp_path / "empty").mkdir()
     done = _analyze(["runs=empty", f"hydra.run.dir={tmp_path / 'r'}"], tmp_path)
-    assert done.returncode != 0
+    assert done.returncode == 2  # a user error, like train.py's
     assert done.stderr.strip().splitlines()[-1].startswith("error: no probes.csv")
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "r" / "report.html").exists()
+
+
+def test_section_columns_follow_the_layers_for_four_sections():
+    from layerprobe.analysis.tables import section_columns
+
+    columns = ["task", "cka_late", "delta_accuracy_shared", "cka_refinement", "best_layer_base", "cka_shared",
+               "delta_accuracy_late", "cka_transition", "overtake_layer"]
+    assert section_columns(pd.DataFrame(columns=columns)) == [
+        "delta_accuracy_shared", "cka_shared", "cka_transition", "cka_refinement", "cka_late", "delta_accuracy_late"]
+
+
+def _add_compression(run: Path, peaks: dict[str, int], split: str = "train") -> pd.DataFrame:
+    """Append probes.csv rows of MDL compression: each role's curve peaks at ``peaks[role]``, shifted per task;
+    ``control`` rows go to each task's own control model, as the pipeline writes them."""
+    probes = pd.read_csv(run / "probes.csv")
+    tasks = sorted(probes["task"].unique())
+    rows = []
+    for i, task in enumerate(tasks):
+        for role, peak in peaks.items():
+            model = f"control:{task}" if role == "control" else role
+            for layer in range(9):
+                rows.append({"task": task, "model": model, "layer": layer, "split": split, "metric": "compression",
+                             "value": 2.0 - 0.05 * (layer - peak) ** 2 + 0.1 * i, "seed": 0, "probe": "linear"})
+    added = pd.DataFrame(rows)
+    pd.concat([probes, added], ignore_index=True).to_csv(run / "probes.csv", index=False)
+    return added
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_mdl_compression_figure_and_best_layer_per_model(tmp_path, with_val):
+    from scipy import stats
+
+    run = make_run(tmp_path / "run", task_table(4, 2), PLANT, controls=True)
+    train = _add_compression(run, {"base": 5, "tuned": 7, "control": 2})
+    if with_val:  # a val split for the metric: the best layer is chosen there, its train value reported
+        _add_compression(run, {"base": 3, "tuned": 1, "control": 2}, split="val")
+    result = write_report([run], tmp_path / "out", FAST)
+
+    png = tmp_path / "out" / "figures" / "mdl_compression.png"
+    assert png.is_file() and result["figures"]["mdl_compression"]["png"] == png
+    assert "](figures/mdl_compression.png)" in (tmp_path / "out" / "report.md").read_text()
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="mdl_compression"' in html and "Best compression per model" in html
+
+    summary = pd.read_csv(result["tables"]["mdl_summary"]).set_index("model")
+    chosen = {"base": 3, "tuned": 1, "control": 2} if with_val else {"base": 5, "tuned": 7, "control": 2}
+    assert list(summary.index) == ["base", "tuned", "control"]
+    for role, layer in chosen.items():
+        model = train["model"].str.startswith("control:") if role == "control" else train["model"] == role
+        values = train[model & (train["layer"] == layer)]["value"].to_numpy()
+        half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / len(values) ** 0.5
+        row = summary.loc[role]
+        assert row["best_layer"] == layer and row["n_tasks"] == 4
+        assert row["compression"] == pytest.approx(values.mean())
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((values.mean() - half, values.mean() + half))
+        assert row["chosen_on"] == ("val compression" if with_val else "train compression (no val split for this metric)")

@@ -139,7 +139,9 @@ def test_too_few_layers_gives_a_reason_not_an_error(tmp_path):
 
 
 from layerprobe.analysis import write_report  # noqa: E402
-from layerprobe.analysis.sections import KinkModels, count_sections, fit_pieces, min_tasks, sign_flips  # noqa: E402
+from layerprobe.analysis.sections import (  # noqa: E402
+    KinkModels, count_sections, distinct_flips, fit_pieces, flip_count, flip_p_value, min_tasks, sign_flips,
+)
 
 
 def _hinge_sse_bruteforce(x, y, degree, knot_sets, constant=False):
@@ -184,6 +186,46 @@ def test_sign_flips_enumerate_all_when_few_tasks():
     signs, exact = sign_flips(4, np.random.default_rng(0), 1000)
     assert exact and signs.shape == (16, 4) and len({tuple(s) for s in signs}) == 16
     assert min_tasks(0.05) == 6 and min_tasks(0.01) == 8  # 2^-(T-1) < alpha
+
+
+def test_distinct_flips_give_the_full_enumeration_p_value():
+    """Exact test: the 2^(T-1) flips with task 1 at +1 give the p-value of all 2^T flips of the mean curve (brute force)."""
+    rng = np.random.default_rng(7)
+    layers = np.arange(17, dtype=float)
+    kinks = KinkModels(layers, "ramp", 2, 3)
+    values = 0.02 * layers + rng.normal(0, 0.05, (7, 17))
+    signs, exact = distinct_flips(7, rng, 1000)
+    assert exact and signs.shape == (64, 7) and np.all(signs[:, 0] == 1) and len({tuple(s) for s in signs}) == 64
+    curve = values.mean(axis=0)
+    fitted = kinks.fitted("smooth", curve)
+    z = values - fitted
+    stat = lambda c: (kinks.sse("smooth", c) - np.minimum(kinks.sse("smooth", c), kinks.sse(3, c))) / kinks.sse(3, c)
+    grid = np.array(list(itertools.product([-1.0, 1.0], repeat=7)))
+    full = stat(fitted + grid @ z / 7)
+    observed = float(stat(curve[None])[0])
+    expected = float(np.mean(full >= observed * (1 - 1e-9)))
+    test = kinks.compare("smooth", 3, curve, values, rng, 1000)
+    assert test.resamples == 64 and test.p_value == pytest.approx(expected, abs=1e-12) and test.statistic == pytest.approx(observed, rel=1e-9)
+    batched_obs, batched = kinks.smooth_test_stats(values[None], signs, 3)
+    assert batched_obs[0] == pytest.approx(observed, rel=1e-9)
+    assert float(flip_p_value(batched[0], batched_obs[0], True)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_random_flips_p_value_counts_the_observed():
+    signs, exact = distinct_flips(20, np.random.default_rng(0), 99)
+    assert not exact and signs.shape == (99, 20) and np.all(signs[:, 0] == 1)
+    stats = np.arange(99, dtype=float)
+    assert flip_p_value(stats, 89.0, False) == pytest.approx(11 / 100)  # (1 + 10 hits) / (1 + 99)
+    assert flip_p_value(stats, 1000.0, False) == pytest.approx(1 / 100)
+    assert flip_p_value(stats, 89.0, True) == pytest.approx(10 / 99)
+
+
+def test_flip_count_makes_alpha_times_b_plus_one_whole():
+    assert flip_count(1000, 0.05) == 999 and flip_count(199, 0.05) == 199 and flip_count(1000, 0.01) == 999
+    assert flip_count(500, 0.05) == 499 and flip_count(1000, 0.1) == 999 and flip_count(10, 0.037) == 10  # none: kept
+    # size of "p < alpha" with p = (1 + hits) / 1000 and hits ~ Binomial(999, u), u uniform: hits <= 48 of 0..999 equally likely
+    b = flip_count(1000, 0.05)
+    assert sum((1 + h) / (1 + b) < 0.05 for h in range(b + 1)) / (b + 1) == pytest.approx(0.049)
 
 
 @pytest.mark.parametrize("k", [2, 4])

@@ -106,6 +106,19 @@ def test_rows_without_a_label_are_an_error(tmp_path, models):
 # --- bad values and keys ----------------------------------------------------------------------
 
 
+def test_command_line_checks_import_neither_torch_nor_lightning(tmp_path):
+    """A typo is reported before torch and Lightning load (they take seconds): the checks before Hydra
+    read only the config schemas. -X importtime lists every module the command imported."""
+    for script, override, fragment in (("train.py", "probe.layer=3", "unknown key 'probe.layer'"),
+                                       ("analyze.py", "sigal=cka_distance", "unknown key 'sigal'")):
+        result = subprocess.run([sys.executable, "-X", "importtime", script, override], cwd=ROOT, env=_env(tmp_path),
+                                capture_output=True, text=True, timeout=120)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert result.returncode == 2 and len(errors) == 1 and fragment in errors[0], result.stderr[-3000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+        assert not {m.split(".")[0] for m in imported} & {"torch", "lightning", "transformers", "matplotlib"}, script
+
+
 def test_seed_that_is_not_an_integer(tmp_path, models):
     result = run_train(tmp_path, *models, "seed=abc")
     assert_one_error(result, tmp_path, "seed=abc", "integer", "seed=0")
@@ -156,6 +169,22 @@ def test_damaged_weight_file_is_named(tmp_path, models, llama_dir, damage):
 def test_analyze_unknown_key(tmp_path):
     result = run_train(tmp_path, "sigal=cka_distance", script="analyze.py")
     assert_one_error(result, tmp_path, "unknown key 'sigal'", "signal")
+
+
+def test_analyze_run_dir_without_results(tmp_path):
+    (tmp_path / "empty_run").mkdir()
+    result = run_train(tmp_path, f"runs={tmp_path / 'empty_run'}", script="analyze.py")
+    assert_one_error(result, tmp_path, "no probes.csv or similarity.csv", str(tmp_path / "empty_run"))
+    assert not (tmp_path / "run" / "report.html").exists()
+
+
+def test_analyze_invalid_option_value(tmp_path):
+    from layerprobe.analysis.synthetic import Planted, make_run, task_table
+
+    run = make_run(tmp_path / "results", task_table(2, 1), Planted(num_layers=4, transition_start=2, refinement_start=3))
+    result = run_train(tmp_path, f"runs={run}", "signal=cka_distanse", script="analyze.py")  # a valid key, a bad value
+    assert_one_error(result, tmp_path, "signal='cka_distanse'", "cka_distance")
+    assert not (tmp_path / "run" / "report.html").exists()
 
 
 # --- data that is not an error ------------------------------------------------------------------

@@ -32,7 +32,7 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_demo_run_writes_both_csvs_then_reuses_the_cache(tmp_path, monkeypatch):
+def test_demo_run_writes_both_csvs_then_reuses_the_cache(tmp_path, monkeypatch, caplog):
     cfg = compose_train(TINY + [f"paths.cache_dir={tmp_path / 'cache'}"])
     out = run(cfg, tmp_path / "run1")["outputs"]
 
@@ -61,10 +61,47 @@ def test_demo_run_writes_both_csvs_then_reuses_the_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(extract, "load_backbone", lambda *a, **k: pytest.fail("backbone loaded on a cached run"))
     monkeypatch.setattr(demo_models, "LlamaForCausalLM", None, raising=False)
-    out2 = run(cfg, tmp_path / "run2")["outputs"]
+    with caplog.at_level("INFO"):
+        out2 = run(cfg, tmp_path / "run2")["outputs"]
+    # the console says it once per model, not once per (model, task) store
+    lines = [r.getMessage() for r in caplog.records if r.name == "layerprobe.features.extract" and r.levelname == "INFO"]
+    assert sorted(lines) == sorted(f"features {role}: 2 tasks cached in {tmp_path / 'cache' / 'features'}, backbone not run"
+                                   for role in ("base", "tuned", "random_init")), lines
     again = {(r["task"], r["model"], r["layer"], r["metric"]): r["value"] for r in read_csv(out2["probes"])}
     first = {(r["task"], r["model"], r["layer"], r["metric"]): r["value"] for r in probes}
     assert again == first  # same seed, same features: same numbers
+
+
+def test_partly_cached_role_is_one_line_plus_one_per_extracted_store(llama_dir, tmp_path, caplog):
+    from layerprobe.config import ExtractConfig, TaskConfig
+    from layerprobe.features.extract import ensure_features
+    from layerprobe.tasks import load_tasks
+
+    tasks = load_tasks(TaskConfig(tasks=["sentiment", "topic", "first_color"], n_per_task=40))
+    trainer, cfg = {"accelerator": "cpu", "devices": 1}, ExtractConfig(shard_size=16)
+    ensure_features("base", str(llama_dir), tasks[:2], cfg, trainer, tmp_path)
+    with caplog.at_level("INFO", logger="layerprobe.features.extract"):
+        ensure_features("base", str(llama_dir), tasks, cfg, trainer, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.name == "layerprobe.features.extract"]
+    assert lines[0] == f"features base: 2 of 3 tasks cached in {tmp_path / 'features'}, extracting the other 1"
+    assert [line.split(":")[0] for line in lines[1:]] == ["extracting base/first_color"]
+
+
+def test_cached_control_models_are_one_console_line(tmp_path, caplog):
+    models = {name: tiny_llama(tmp_path / name, seed=i) for i, name in enumerate(["base", "tuned", "c_sentiment", "c_topic"])}
+    cfg = compose_train([
+        "model.build_demo=false", f"model.base={models['base']}", f"model.tuned={models['tuned']}", "model.random_init=false",
+        f"model.controls.sentiment={models['c_sentiment']}", f"model.controls.topic={models['c_topic']}",
+        "task=demo", "task.tasks=[sentiment,topic]", "task.n_per_task=60", "probe.max_epochs=2", "trainer.accelerator=cpu",
+        "similarity.bootstrap=0", "similarity.permutations=0", "report=false", f"paths.cache_dir={tmp_path / 'cache'}"])
+    run(cfg, tmp_path / "run1")
+    with caplog.at_level("INFO", logger="layerprobe.features.extract"):
+        run(cfg, tmp_path / "run2")
+    lines = [r.getMessage() for r in caplog.records if r.name == "layerprobe.features.extract"]
+    where = tmp_path / "cache" / "features"
+    assert lines == [f"features base: 2 tasks cached in {where}, backbone not run",
+                     f"features tuned: 2 tasks cached in {where}, backbone not run",
+                     f"features control:<task>: 2 control models cached in {where}, backbone not run"], lines
 
 
 def test_probe_layers_and_mlp_override(tmp_path):

@@ -147,6 +147,12 @@ if kill_at:
         if self.trainer.global_step >= kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     CausalLMTuning.on_train_batch_end = on_train_batch_end
+if os.environ.get("START"):  # a concurrent job: log like train.py does, begin when the start file appears
+    import logging, time
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+    Path(os.environ["READY"]).touch()
+    while not Path(os.environ["START"]).exists():
+        time.sleep(0.02)
 trainer = {{"accelerator": "cpu", "devices": int(os.environ.get("DEVICES", "1"))}}
 if trainer["devices"] > 1:
     trainer["strategy"] = "ddp"
@@ -156,11 +162,44 @@ print("ROOT", tune({base!r}, prompts, answers, cfg, Path(os.environ["CACHE"]), t
 """
 
 
-def run_script(tmp_path, base, **env):
+def script_command(tmp_path, base, **env):
     script = tmp_path / "tune_script.py"
     script.write_text(textwrap.dedent(SCRIPT.format(tests=str(ROOT / "tests"), base=str(base))))
     full = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **{k: str(v) for k, v in env.items()}}
-    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, env=full, cwd=tmp_path)
+    return [sys.executable, str(script)], full
+
+
+def run_script(tmp_path, base, **env):
+    command, full = script_command(tmp_path, base, **env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=full, cwd=tmp_path)
+
+
+def test_two_jobs_asking_for_the_same_model_at_once_train_it_once(base, tmp_path):
+    """Two sweep jobs that need the same control start together: the fingerprint's file lock lets one train while
+    the other waits, then reuses the published dir (manifest written last, the dir renamed into place)."""
+    import time
+
+    cache, start = tmp_path / "cache", tmp_path / "start"
+    jobs = []
+    for i in range(2):
+        command, env = script_command(tmp_path, base, CACHE=cache, START=start, READY=tmp_path / f"ready{i}")
+        jobs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path))
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):  # both imported: they start at the same moment
+        assert time.time() < deadline and all(j.poll() is None for j in jobs), [j.communicate() for j in jobs]
+        time.sleep(0.05)
+    start.touch()
+    outputs = [j.communicate(timeout=180) for j in jobs]
+    assert [j.returncode for j in jobs] == [0, 0], [err[-3000:] for _, err in outputs]
+    logs = [err for _, err in outputs]
+    assert sorted("model x: trained in" in log for log in logs) == [False, True]  # one job trained
+    waiter = next(log for log in logs if "model x: trained in" not in log)
+    assert "reused (nothing trained)" in waiter and "tuning x (" not in waiter  # the other trained nothing
+    roots = {line.split(" ", 1)[1] for out, _ in outputs for line in out.splitlines() if line.startswith("ROOT ")}
+    [manifest] = list((cache / "models").glob("*/manifest.json"))
+    assert roots == {str(manifest.parent)}
+    assert tuning_run.read_manifest(manifest.parent)["train"]["steps"] == 12
+    assert sorted(p.name for p in (cache / "models").iterdir() if p.is_dir()) == [manifest.parent.name]  # no tmp/work dirs
 
 
 def test_kill_9_then_resume_gives_the_same_adapter(base, tmp_path, caplog):

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from layerprobe.config import (ExtractConfig, ModelConfig, PathsConfig, ProbeConfig, TaskConfig, to_dataclass)
 from layerprobe.distributed import launch
-from layerprobe.features.extract import check_trainer, ensure_features
+from layerprobe.features.extract import check_trainer, ensure_features, log_cached
 from layerprobe.features.store import FeatureError, atomic_write_bytes, prepare_cache_dir
 from layerprobe.models.load import AdapterSet, adapter_identity, checkpoint_identity, has_tokenizer, is_adapter_dir
 from layerprobe.models.roles import check_placement, control_role, control_task, extract_settings_for
@@ -103,16 +103,18 @@ def role_stores(s: "RunSettings", checkpoints: dict[str, str], tasks: list[TaskD
         if is_adapter_dir(path):
             adapters.add(role, path)
     base_identity = checkpoint_identity(checkpoints["base"], s.model.revision) if adapters.adapters else None
-    stores = {}
+    stores, cached_controls = {}, []
     for role, path in checkpoints.items():
         own = control_task(role)
         role_tasks = [t for t in tasks if own is None or t.name == own]
-        extra = {}
+        extra = {"cached": cached_controls} if own is not None else {}  # one console line for all control models
         if role in adapters.adapters:
-            extra = {"identity": adapter_identity(base_identity, path), "backbone": adapters.provider(role)}
+            extra.update(identity=adapter_identity(base_identity, path), backbone=adapters.provider(role))
         stores[role] = ensure_features(role, path, role_tasks, extract_cfg, s.trainer, cache_dir, s.model.revision,
                                        s.model.trust_remote_code, prompt=prompts[role], device_map=s.model.device_map,
                                        ranks=ranks, **extra)
+    controls = [r for r in checkpoints if control_task(r) is not None]
+    log_cached("features control:<task>", cached_controls, len(controls), "control model")
     return stores
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import AnalysisConfig
-from .errors import AnalysisError
 from .load import find_latest_run
 from .report import write_report
 
@@ -15,21 +14,25 @@ from .report import write_report
 def run(cfg: DictConfig) -> dict:
     """Analyze ``cfg.runs`` (or the latest run) into the Hydra run dir.
 
-    An :class:`AnalysisError` becomes ``SystemExit("error: ...")``: one line, exit status 1.
+    An :class:`AnalysisError` (bad option value, no results, ...) becomes ``error: <message>``
+    on stderr and exit status 2, as for train.py's user errors (layerprobe.cli.exit_on_user_error).
     """
+    from layerprobe.cli import exit_on_user_error
+
+    return exit_on_user_error(lambda: _run(cfg))
+
+
+def _run(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import to_absolute_path
 
-    try:
-        options = AnalysisConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        if options.runs:
-            run_dirs = [Path(to_absolute_path(r)) for r in options.runs]
-        else:
-            run_dirs = [find_latest_run([Path(to_absolute_path(r)) for r in options.search_roots])]
-        result = write_report(run_dirs, out_dir, options)
-    except AnalysisError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    options = AnalysisConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if options.runs:
+        run_dirs = [Path(to_absolute_path(r)) for r in options.runs]
+    else:
+        run_dirs = [find_latest_run([Path(to_absolute_path(r)) for r in options.search_roots])]
+    result = write_report(run_dirs, out_dir, options)
     _print_summary(run_dirs, result)
     return result
 

@@ -39,9 +39,10 @@ class AnalysisConfig:
         or ``constant`` (a level per section).
     min_section_layers: fewest layers a section may have.
     section_alpha: level of the section tests: sections are reported only when the
-        3-section fit beats a smooth curve at this level (parametric bootstrap over tasks).
+        3-section fit beats a smooth curve at this level (sign-flip test over tasks, docs/analysis.md).
     section_null_degree: degree of the polynomial that stands for "no sections".
-    section_test_resamples: bootstrap resamples of each section test.
+    section_test_resamples: sign flips of each section test, at most (all distinct ones when fewer; else
+        rounded down so that section_alpha x (flips + 1) is whole: 999 at the defaults).
     include_embedding: fit sections over layer 0 (embeddings) too.
     bootstrap: bootstrap resamples over tasks for the boundary CIs (0 = none).
     ci: confidence level of every interval in the report.

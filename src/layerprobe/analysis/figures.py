@@ -292,13 +292,7 @@ def grouped_curves(
     if overall and len(names) > 1:
         drawn.append(_task_mean(ax, matrix, level, "black", f"all tasks (n={len(matrix)})", 2.6))
     _fit_ylim(ax, drawn)
-    set_layer_ticks(ax, list(matrix.columns))
-    draw_sections(ax, fit, labels=True)
-    ax.set_xlabel("layer (0 = embeddings)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, pad=_title_pad(fit))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return fig
+    return _finish_layer_axes(fig, ax, list(matrix.columns), fit, ylabel, title)
 
 
 def model_curves_by_cluster(
@@ -339,6 +333,40 @@ def model_curves_by_cluster(
     fig.legend(handles, labels, loc="outside upper center", ncol=len(labels), frameon=False)
     fig.supxlabel("layer (0 = embeddings)", fontsize=9)
     fig.supylabel(ylabel, fontsize=9)
+    return fig
+
+
+def model_curves(
+    matrices: Mapping[str, pd.DataFrame],
+    level: float,
+    ylabel: str,
+    fit: SectionFit | None,
+    title: str,
+    reference: tuple[float, str] | None = None,
+) -> Figure | None:
+    """One axes: each model's mean over its tasks per layer, Student-t CI band over tasks
+    (where >= MIN_BAND_TASKS tasks); ``reference`` = (y, label) draws a dotted level."""
+    matrices = {m: x.dropna(how="all") for m, x in matrices.items() if not x.dropna(how="all").empty}
+    if not matrices:
+        return None
+    fig = Figure(figsize=(7.4, 3.9), layout="constrained")
+    ax = fig.subplots()
+    models = list(matrices)
+    drawn = [_task_mean(ax, x, level, model_color(m, models), f"{m} (n={len(x)})") for m, x in matrices.items()]
+    _fit_ylim(ax, drawn)
+    if reference is not None and ax.get_ylim()[0] <= reference[0] <= ax.get_ylim()[1]:
+        ax.axhline(reference[0], color="#777777", ls=":", lw=1.2, label=reference[1], zorder=1)
+    return _finish_layer_axes(fig, ax, list(next(iter(matrices.values())).columns), fit, ylabel, title)
+
+
+def _finish_layer_axes(fig: Figure, ax, layers: list, fit: SectionFit | None, ylabel: str, title: str) -> Figure:
+    """Layer ticks, section boundaries, labels, title and the legend beside the axes."""
+    set_layer_ticks(ax, layers)
+    draw_sections(ax, fit, labels=True)
+    ax.set_xlabel("layer (0 = embeddings)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, pad=_title_pad(fit))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 

@@ -27,7 +27,7 @@ from .load import RunData, load_runs
 from .render import Block, FigureBlock, Heading, Note, Paragraph, Preformatted, TableBlock, to_html, to_markdown
 from .sections import SECTION_NAMES, SEGMENT_TEXT, SectionFit, detect_sections, signal_matrix
 from .tables import group_summary, task_summary
-from .views import Views
+from .views import Views, across_tasks, is_control
 
 MAX_LISTED = 30
 REPORT_FILES = ("report.md", "report.html")  # published last
@@ -272,6 +272,71 @@ def _probe_blocks(doc: _Document, views: Views, fit: SectionFit | None, cfg: Ana
     ), F.model_curves_by_cluster({m: views.metric_matrix(m) for m in models}, baseline, clusters, cfg.ci, metric, fit))
 
 
+MDL_METRIC = "compression"  # probes.csv: uniform codelength / online (prequential) codelength, train split
+
+
+def _mdl_matrices(data: RunData, views: Views, split: str, level: float) -> dict[str, pd.DataFrame]:
+    """task x layer compression (seed means) per role on ``split``; the controls pooled as one
+    role ``control`` (each task's control model on its own task)."""
+    from .load import aggregate_probes
+
+    raw = data.probes
+    rows = aggregate_probes(raw[(raw["metric"] == MDL_METRIC) & (raw["probe"] == views.probe) & (raw["split"] == split)], level)
+    rows = rows.assign(role=rows["model"].map(lambda m: "control" if is_control(m) else m))
+    order = [m for m in views.models if m in set(rows["role"])] + sorted(set(rows["role"]) - set(views.models))
+    layers = views.layers()
+    out = {}
+    for role in order:
+        wide = rows[rows["role"] == role].pivot_table(index="task", columns="layer", values="mean")
+        out[role] = wide.reindex(index=views.task_order(wide.index), columns=layers or list(wide.columns)).astype(float)
+    return out
+
+
+def _mdl_summary(shown: dict[str, pd.DataFrame], chooser: dict[str, pd.DataFrame], chosen_on: str, level: float) -> pd.DataFrame:
+    """Per role: the layer of highest mean compression over tasks (chosen on ``chooser``), the mean and CI over tasks there."""
+    rows = []
+    for role, matrix in shown.items():
+        curve = across_tasks(matrix.dropna(how="all"), level).set_index("layer")
+        pick = across_tasks(chooser[role].dropna(how="all"), level).set_index("layer") if role in chooser else curve
+        pick = pick["mean"].reindex(curve.index).dropna()
+        if pick.empty:
+            continue
+        best = int(pick.idxmax())  # earliest layer on ties
+        rows.append({"model": role, "n_tasks": int(curve.at[best, "n"]), "best_layer": best, "compression": curve.at[best, "mean"],
+                     "ci_low": curve.at[best, "ci_low"], "ci_high": curve.at[best, "ci_high"], "chosen_on": chosen_on})
+    return pd.DataFrame(rows, columns=["model", "n_tasks", "best_layer", "compression", "ci_low", "ci_high", "chosen_on"])
+
+
+def _mdl_blocks(doc: _Document, data: RunData, views: Views, fit: SectionFit | None, cfg: AnalysisConfig) -> Path | None:
+    """Per-layer MDL compression of every role (mean over tasks, CI over tasks) and each role's best layer."""
+    splits = sorted(data.probes.loc[data.probes["metric"] == MDL_METRIC, "split"].unique())
+    if views.probe is None or not splits:
+        return None
+    split = views.split if views.split in splits else "train" if "train" in splits else splits[0]
+    shown = _mdl_matrices(data, views, split, cfg.ci)
+    if not shown:
+        return None
+    if "val" in splits and split != "val":
+        chooser, chosen_on = _mdl_matrices(data, views, "val", cfg.ci), "val compression"
+    else:
+        chooser, chosen_on = shown, f"{split} compression (no val split for this metric)"
+    level = round(cfg.ci * 100)
+    doc.add(Heading("Probe compression (MDL)"))
+    doc.figure("mdl_compression", "MDL compression per layer", (
+        f"Compression = uniform codelength / online (prequential) codelength of the {views.probe} probe on the {split} split "
+        f"(Voita & Titov 2020; docs/probing.md): each block of examples is coded by a probe trained on the blocks before it, "
+        f"so higher = the task is decodable from fewer examples; 1 = no better than the uniform code (dotted). Mean over tasks "
+        f"(n per model in the legend, mean over seeds first); bands: {level}% Student-t CI over tasks (where "
+        f"{F.MIN_BAND_TASKS}+ tasks); control = each task's control model on its own task."
+    ), F.model_curves(shown, cfg.ci, "compression (uniform / MDL)", fit, f"MDL compression, {views.probe} probe",
+                      reference=(1.0, "uniform code")))
+    return doc.table("mdl_summary.csv", "Best compression per model", (
+        f"The layer with the highest mean compression over tasks, chosen on {chosen_on}; compression there: mean and "
+        f"{level}% Student-t CI over tasks ({split} split). The online code scores every example before the probe trains on "
+        "it, so the train split is not an in-sample fit here."
+    ), _mdl_summary(shown, chooser, chosen_on, cfg.ci))
+
+
 def _similarity_blocks(doc: _Document, views: Views, fit: SectionFit | None, cfg: AnalysisConfig) -> None:
     if not views.has_pair or views.measure is None:
         return
@@ -418,10 +483,13 @@ def _build(data: RunData, views: Views, fit: SectionFit | None, reason: str, cfg
     with mpl.rc_context(F.STYLE):
         _sections_blocks(doc, views, fit, reason, cfg)
         _probe_blocks(doc, views, shown, cfg)
+        mdl_path = _mdl_blocks(doc, data, views, shown, cfg)
         _similarity_blocks(doc, views, shown, cfg)
         seen_path = _seen_blocks(doc, views, shown, cfg, seen, summary)
         control_path = _control_blocks(doc, views, shown, cfg, seen)
     tables = _table_blocks(doc, views, cfg, summary, staging)
+    if mdl_path is not None:
+        tables["mdl_summary"] = mdl_path
     if control_path is not None:
         tables["control_summary"] = control_path
     if seen_path is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .sections import SECTION_NAMES, SectionFit
+from .sections import NAMES_BY_COUNT, SectionFit
 from .views import Views
 
 
@@ -109,6 +109,11 @@ def group_summary(summary: pd.DataFrame, by: str) -> pd.DataFrame:
     return out.reset_index()
 
 
+# every section name in layer order: the 4-section fit's names hold the 2- and 3-section ones
+ORDERED_SECTIONS = NAMES_BY_COUNT[max(NAMES_BY_COUNT)]
+
+
 def section_columns(summary: pd.DataFrame) -> list[str]:
-    """The per-section columns of a summary, in section order."""
-    return [c for name in SECTION_NAMES for c in summary.columns if c.endswith(f"_{name}")]
+    """The per-section columns of a summary (``cka_shared``, ``delta_accuracy_late``...), in section
+    order, each section's columns in their order in ``summary``."""
+    return [c for name in ORDERED_SECTIONS for c in summary.columns if c.endswith(f"_{name}")]

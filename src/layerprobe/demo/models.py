@@ -29,6 +29,7 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
+from layerprobe.models.load import quiet_transformers
 from layerprobe.tuning.data import SFTExamples
 from layerprobe.tuning.module import CausalLMTuning
 from layerprobe.tasks.demo import DEMO_TASKS, demo_examples, knowledge_texts, render
@@ -120,12 +121,14 @@ def build_demo_pair(cfg, cache_dir: Path) -> tuple[Path, Path]:
         tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
         pretrain_texts = SFTExamples(tokenizer, raw, None, max_length=64, loss_on="all", truncation="right")
         base_loss = _train(model, pretrain_texts, cfg.pretrain_steps, cfg, desc="pre-training the base on raw texts")
-        model.save_pretrained(tmp / "base")
-        tokenizer.save_pretrained(tmp / "base")
+        with quiet_transformers():
+            model.save_pretrained(tmp / "base")
+            tokenizer.save_pretrained(tmp / "base")
         tune_loss = _train(model, SFTExamples(tokenizer, prompts, answers, max_length=64), cfg.tune_steps, cfg,
                            depth_lr_scale(cfg.num_layers, cfg.depth_lr_power), desc="instruction-tuning on the seen tasks")
-        model.save_pretrained(tmp / "tuned")
-        tokenizer.save_pretrained(tmp / "tuned")
+        with quiet_transformers():
+            model.save_pretrained(tmp / "tuned")
+            tokenizer.save_pretrained(tmp / "tuned")
         info = {"config": asdict(cfg), "version": DEMO_VERSION, "pretrain_loss": base_loss, "tune_answer_loss": tune_loss,
                 "seen_tasks": [t.name for t in DEMO_TASKS.values() if t.seen]}
         (tmp / "build_info.json").write_text(json.dumps(info, indent=2))

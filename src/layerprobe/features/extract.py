@@ -216,8 +216,12 @@ def run_extraction(extractor: FeatureExtractor, task: TaskData, store: FeatureSt
 def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trainer_cfg: dict, cache_dir: Path,
                     revision=None, trust_remote_code: bool = False, prompt: PromptSpec | None = None,
                     device_map=None, ranks: Ranks | None = None, identity: dict | None = None,
-                    backbone=None) -> dict[str, FeatureStore]:
+                    backbone=None, cached: list | None = None) -> dict[str, FeatureStore]:
     """Make sure every task has a complete store for this model; run the backbone only if needed.
+
+    The stores already on disk are logged as one line for the role (:func:`log_cached`), or,
+    with ``cached`` (a list), appended to it as ``(role, task, store)`` for the caller to
+    summarize (the pipeline gives all control models one line).
 
     identity / backbone: for roles that are not a plain checkpoint (a LoRA adapter on a base,
     layerprobe.models.load.AdapterSet): the identity for the fingerprint, and a callable
@@ -239,9 +243,11 @@ def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trai
 
     complete = ranks.on_zero(lambda: [usable(stores[t.name]) for t in tasks])  # rank 0's view, on every rank
     missing = [t for t, done in zip(tasks, complete) if not done]
-    for t in tasks:
-        if t not in missing:
-            log.info("features %s/%s: cached at %s, backbone not run", role, t.name, stores[t.name].root)
+    on_disk = [(role, t.name, stores[t.name]) for t in tasks if t not in missing]
+    if cached is None:
+        log_cached(f"features {role}", on_disk, len(tasks), "task")
+    else:
+        cached.extend(on_disk)
     if not missing:
         return stores
     if backbone is not None:
@@ -269,6 +275,20 @@ def ensure_features(role: str, checkpoint: str, tasks: list[TaskData], cfg, trai
                 run_extraction(extractor, task, store, cfg, trainer_cfg, role, meta, ranks)
     del extractor, backbone
     return stores
+
+
+def log_cached(what: str, on_disk: list[tuple[str, str, FeatureStore]], total: int, unit: str) -> None:
+    """One console line for the stores already on disk, e.g. `features base: 10 tasks cached in
+    <cache>/features, backbone not run` (each store's path at DEBUG: `hydra.verbose=layerprobe.features.extract`);
+    the stores still to make get their own `extracting <role>/<task>` line."""
+    for role, task, store in on_disk:
+        log.debug("features %s/%s: cached at %s", role, task, store.root)
+    if not on_disk:
+        return
+    n = len(on_disk)
+    count = f"{n} {unit}{'s' if n != 1 else ''}" if n == total else f"{n} of {total} {unit}s"
+    rest = "backbone not run" if n == total else f"extracting the other {total - n}"
+    log.info("%s: %s cached in %s, %s", what, count, on_disk[0][2].root.parent, rest)
 
 
 def discard_if_damaged(store: FeatureStore, role: str, task: str, verify: bool = False) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -210,12 +211,19 @@ def ensure_pad_token(tokenizer) -> None:
 def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars for every model
     try:
-        yield
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` attribute (a
+            # FutureWarning per model); nothing a user can act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # --- LoRA adapters: one base in memory, adapters swapped on it --------------------------------
@@ -271,10 +279,11 @@ class AdapterSet:
         for i, (name, path) in enumerate(self.adapters.items()):
             key = f"adapter{i}"  # peft keys modules by adapter name: no dots or colons
             try:
-                if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(model, path, adapter_name=key, is_trainable=False)
-                else:
-                    self.peft.load_adapter(path, adapter_name=key, is_trainable=False)
+                with quiet_transformers():
+                    if self.peft is None:
+                        self.peft = PeftModel.from_pretrained(model, path, adapter_name=key, is_trainable=False)
+                    else:
+                        self.peft.load_adapter(path, adapter_name=key, is_trainable=False)
             except (RuntimeError, ValueError, KeyError) as err:
                 first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
                 raise BackboneError(f"the LoRA adapter of '{name}' ({path}) does not fit the base model {self.base}: {first}") from err

@@ -61,7 +61,8 @@ def check_controls(controls: dict, task_names: list[str]) -> None:
         if not checkpoint:
             raise ControlError(f"model.controls.{task} is empty; give a checkpoint dir, hub id or LoRA adapter dir")
         if not is_local(str(checkpoint)) and looks_like_path(str(checkpoint)):
-            raise ControlError(f"model.controls.{task}: control dir does not exist: {checkpoint}")
+            raise ControlError(f"model.controls.{task}: control dir does not exist: {checkpoint}; "
+                               f"fix model.controls.{task}=<existing checkpoint dir, hub id or LoRA adapter dir>")
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -80,15 +81,23 @@ def check_adapter_base(task: str, adapter_dir: str, base: str, base_identity: di
     from layerprobe.models.load import checkpoint_identity, is_local
 
     root = Path(adapter_dir).expanduser()
+
+    def read_json(name: str) -> dict:
+        try:
+            return json.loads((root / name).read_text())
+        except (OSError, ValueError) as e:
+            raise ControlError(f"model.controls.{task}: cannot read {root / name} ({e.__class__.__name__}: {e}); "
+                               f"fix or re-create the adapter dir, or give a merged checkpoint") from None
+
     made_for = None
     if (root / "manifest.json").exists():  # made by layerprobe's tuning stage: it recorded the base's identity
-        meta = json.loads((root / "manifest.json").read_text())
+        meta = read_json("manifest.json")
         if meta.get("kind") == "layerprobe-model" and "base" in meta:
             if _same_weights(meta["base"], base_identity):
                 return
             made_for = meta.get("base_checkpoint") or meta["base"].get("path") or meta["base"].get("id")
     if made_for is None:
-        config = json.loads((root / "adapter_config.json").read_text())
+        config = read_json("adapter_config.json")
         declared = config.get("base_model_name_or_path")
         if not declared or declared == base:
             return

@@ -100,7 +100,10 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
     rows = []
     for dim, roles in groups.items():
         layer_lists = {r: resolve_layers(cfg.layers, features[r].shape[1], r) for r in roles}
-        stacked = np.concatenate([np.asarray(features[r][:, layer_lists[r]]) for r in roles], axis=1)
+        parts = [np.asarray(features[r]) if layer_lists[r] == list(range(features[r].shape[1])) else
+                 np.asarray(features[r][:, layer_lists[r]]) for r in roles]
+        stacked = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)  # one model, every layer: no copy
+        del parts
         L.seed_everything(seed, workers=True, verbose=False)
         data = CachedFeatureData(stacked, targets, split_idx, cfg.batch_size, positions, full_batch=cfg.name == "linear")
         del stacked

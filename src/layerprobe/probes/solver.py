@@ -46,7 +46,7 @@ class _Chunk:
 
     def __init__(self, x, onehot, scale, wd, S, G, C, reduce):
         self.x = x  # [L, n, d]
-        self.xt = x.transpose(1, 2).contiguous()  # [L, d, n]
+        self.xt = x.transpose(1, 2)  # [L, d, n], a view: bmm reads it as fast as a transposed copy
         self.L, self.n, self.d = x.shape
         self.S, self.G, self.C, self.K = S, G, C, S * G
         self.onehot, self.scale, self.reduce = onehot, scale, reduce  # [n, K, C], [n, K]
@@ -58,7 +58,9 @@ class _Chunk:
 
     def data_loss(self, z):
         """Weighted mean cross-entropy per (layer, head), and log-probabilities; z [L, n, K, C]."""
-        logp = torch.log_softmax(z, dim=-1)
+        # log_softmax by hand: ~2x faster than torch.log_softmax over a last dim of a few classes
+        shifted = z - z.amax(-1, keepdim=True)
+        logp = shifted - shifted.exp().sum(-1, keepdim=True).log()
         nll = -(logp * self.onehot).sum(-1)  # [L, n, K]
         return (nll * self.scale).sum(1), logp
 
@@ -71,29 +73,26 @@ class _Chunk:
         return gW, data[:, split:].view(self.L, self.K, self.C)
 
     def preconditioner(self, rows: int, eps: float):
-        sub = self.xt[:, :, : min(rows, self.n)]
-        count = self.reduce(torch.tensor([float(sub.shape[2])], dtype=self.x.dtype, device=self.x.device))
-        second = self.reduce(torch.bmm(sub, sub.transpose(1, 2))) / count
-        eye = torch.eye(self.d, dtype=second.dtype, device=second.device)
-        mats = (0.5 * second.unsqueeze(1) + (2 * self.wd_values.view(1, -1, 1, 1) + eps) * eye).reshape(-1, self.d, self.d)
-        factor, info = torch.linalg.cholesky_ex(mats)
-        if bool((info != 0).any()):  # float32 rounding on a near-singular moment: factor in float64
-            factor = torch.linalg.cholesky(mats.double()).to(mats.dtype)
-        # the explicit inverse, once: applying it is one batched matmul per iteration (batched
-        # triangular solves are far slower on CPU for many small matrices)
-        if mats.device.type == "cpu" and self.d <= 128:  # many small matrices: numpy's LAPACK is ~100x faster here
-            import numpy as np
-
-            inverse = torch.from_numpy(np.linalg.inv(mats.double().numpy())).to(mats.dtype)
-        else:
-            inverse = torch.cholesky_inverse(factor)
+        sub = self.x[:, : min(rows, self.n)]
+        count = self.reduce(torch.tensor([float(sub.shape[1])], dtype=self.x.dtype, device=self.x.device))
+        second = self.reduce(torch.bmm(sub.transpose(1, 2), sub)) / count
+        # one eigendecomposition per layer serves every weight decay: (1/2 Sigma + c I)^-1 =
+        # U diag(1 / (lambda / 2 + c)) U', so the setup is L eigh instead of L * G Cholesky
+        # factors and inverses (~3x cheaper on CPU), and applying it reads one d x d matrix per
+        # layer instead of G.
+        try:
+            lam, U = torch.linalg.eigh(second)
+        except RuntimeError:  # no convergence in float32 on a near-degenerate moment: float64
+            lam, U = (t.to(second.dtype) for t in torch.linalg.eigh(second.double()))
+        lam = lam.clamp_min(0.0)  # a PSD moment; rounding can make its smallest eigenvalues negative
         L, d, S, G, C = self.L, self.d, self.S, self.G, self.C
+        scale = (1.0 / (0.5 * lam.unsqueeze(-1) + 2 * self.wd_values + eps)).view(L, d, 1, G, 1)
+        Ut = U.transpose(1, 2)
 
         def apply(gW, gb):
             """(1/2 Sigma + (2 wd + eps) I)^-1 on the weights, 2 on the biases."""
-            rhs = gW.view(L, d, S, G, C).permute(0, 3, 1, 2, 4).reshape(L * G, d, S * C)
-            out = torch.bmm(inverse, rhs)
-            return out.view(L, G, d, S, C).permute(0, 2, 3, 1, 4).reshape(L, d, S * G, C), 2.0 * gb
+            r = torch.bmm(Ut, gW.reshape(L, d, -1)).view(L, d, S, G, C) * scale
+            return torch.bmm(U, r.view(L, d, -1)).view(L, d, S * G, C), 2.0 * gb
 
         return apply
 

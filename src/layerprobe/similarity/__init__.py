@@ -12,15 +12,20 @@ Pipeline API:
     diagnostics_rows  -> similarity_diagnostics.csv rows (DIAGNOSTIC_KEYS)
     SimilarityConfig  <- conf/similarity/default.yaml
 See docs/similarity.md for each measure's formula, estimator and when to use it.
-"""
 
-from ._arrays import SimilarityWarning
-from .estimators import bias_floor, cka, cka_matrix, debiased_cka, linear_cka, rbf_cka
+Only the config is imported eagerly: the estimators (torch) load on first use, so the
+command-line checks that read SimilarityConfig before Hydra starts stay fast.
+"""
+import importlib
+
 from .config import MEASURES, SimilarityConfig, SimilarityError
-from .diagnostics import DIAGNOSTIC_KEYS, diagnostics_rows
-from .measures import mutual_knn, procrustes, pwcca, svcca
-from .rows import ROW_KEYS, adjust_p_values, adjust_rows, similarity_rows
-from .stream import minibatch_cka, streaming_cka
+
+_LAZY = {"SimilarityWarning": "_arrays", "bias_floor": "estimators", "cka": "estimators", "cka_matrix": "estimators",
+         "debiased_cka": "estimators", "linear_cka": "estimators", "rbf_cka": "estimators",
+         "DIAGNOSTIC_KEYS": "diagnostics", "diagnostics_rows": "diagnostics", "mutual_knn": "measures",
+         "procrustes": "measures", "pwcca": "measures", "svcca": "measures", "ROW_KEYS": "rows",
+         "adjust_p_values": "rows", "adjust_rows": "rows", "similarity_rows": "rows", "minibatch_cka": "stream",
+         "streaming_cka": "stream"}
 
 __all__ = [
     "DIAGNOSTIC_KEYS",
@@ -46,3 +51,9 @@ __all__ = [
     "streaming_cka",
     "svcca",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

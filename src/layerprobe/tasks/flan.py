@@ -293,7 +293,9 @@ def load_flan_tasks(cfg, fractions, split_seed) -> list[TaskData]:
         rows_idx = [groups[name][k] for k in keep]
         ids = [example_id(name, k, i) for k, i in zip(keep, rows_idx)]
         answers = [table[cfg.label_column][i] for i in rows_idx]
-        meta = {"target": target, "kind": spec.kind}
+        # the answer text per own example: a control (or the SFT run) trains on the Flan targets
+        # themselves, not on label names; contrast rows added below belong to other tasks
+        meta = {"target": target, "kind": spec.kind, "answers": {ex_id: str(a) for ex_id, a in zip(ids, answers)}}
         if target in ("task_id", "cluster_id"):
             contrast = _contrast(name, len(rows_idx), groups, cfg.data_seed)
             if not contrast:

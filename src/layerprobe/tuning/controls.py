@@ -1,18 +1,20 @@
 """The MOSSA models of a run: one control per task (single-task tuning) and the multi-task SFT model.
 
 - `model.controls.<task>=<dir | hub id | LoRA adapter dir>`: given controls, checked first
-  (the task is in the run, the dir exists, an adapter belongs to this base, a full checkpoint
-  shares the base's architecture and tokenizer).
+  (the task is in the run, the dir exists, an adapter belongs to this base and, for a hub base, to
+  the revision it loads; a full checkpoint shares the base's architecture and tokenizer).
 - `model.train_controls=true`: every task of the run without a given control gets one, trained
   from the base with the tuning stage (`tuning.*`) on that task's train split only.
 - `model.train_tuned=true`: `tuned` is the base fine-tuned on every seen task's train split,
   at most `tuning.max_per_cluster` examples per task cluster (shared evenly by its tasks).
 
 Answers: a task's answer text per example is `meta["answers"][id]` when its source keeps the
-answer (Flan), else its label's name for label targets (the demo suite, label columns).
+answer (contrast examples of other tasks left out), else its label's name for label targets (the
+demo suite, label columns).
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 
@@ -26,13 +28,16 @@ from layerprobe.tuning.run import tune
 log = logging.getLogger(__name__)
 
 
-def answers_of(task) -> list[str]:
-    """The answer text of every example of `task`; TuningError when the task has none."""
+def answers_of(task) -> list[str | None]:
+    """The answer text of every example of `task`; TuningError when the task has none.
+
+    With `meta["answers"]`, the examples of other tasks that a task_id / cluster_id target adds as
+    contrast (`meta["contrast"]` of them) have no answer of this task: None, never trained on."""
     answers = task.meta.get("answers")
     if answers:
-        missing = [ex.id for ex in task.examples if ex.id not in answers]
-        if not missing:
-            return [answers[ex.id] for ex in task.examples]
+        own = [answers.get(ex.id) for ex in task.examples]
+        if any(a is not None for a in own) and sum(a is None for a in own) <= int(task.meta.get("contrast", 0)):
+            return own
     target = task.meta.get("target", "label")
     if target != "label":
         raise TuningError(f"task '{task.name}' has no answer text to train on (its probe target is '{target}', not the answer); "
@@ -43,7 +48,7 @@ def answers_of(task) -> list[str]:
 def task_pairs(task, split: str = "train") -> tuple[list[str], list[str]]:
     """(prompts, answers) of one task's split: a control trains on these and nothing else."""
     answers = answers_of(task)
-    rows = [i for i, ex in enumerate(task.examples) if ex.split == split]
+    rows = [i for i, ex in enumerate(task.examples) if ex.split == split and answers[i] is not None]
     return [task.examples[i].text for i in rows], [answers[i] for i in rows]
 
 
@@ -85,10 +90,46 @@ def check_given_controls(model_cfg, tasks, base: str | None) -> None:
         checkpoint = str(checkpoint)
         if is_adapter_dir(checkpoint):
             check_adapter_base(task, checkpoint, base, base_identity, model_cfg.revision)
+            check_adapter_revision(task, checkpoint, base, base_identity, model_cfg.revision)
             if has_tokenizer(checkpoint):
                 _check_tokenizer(task, checkpoint, base, model_cfg)
         else:
             check_same_family(task, checkpoint, base, model_cfg.revision, model_cfg.trust_remote_code)
+
+
+def check_adapter_revision(task: str, adapter_dir: str, base: str, base_identity: dict, revision=None) -> None:
+    """A LoRA adapter that names a revision of its hub base (adapter_config.json `revision`) must be an adapter of
+    the revision this run loads (`model.revision`, default main); both are resolved to commits where the local
+    Hugging Face cache can, else compared by name. Not checked: adapters made by the tuning stage (their manifest
+    records the base's commit, checked by `check_adapter_base`), adapters that name no revision (peft's default),
+    and local bases (a directory has one version; its weights are what identify it)."""
+    from pathlib import Path
+
+    from layerprobe.models.load import BackboneError, is_local
+
+    root = Path(adapter_dir).expanduser()
+    if (root / "manifest.json").exists() or is_local(base) or base_identity.get("kind") != "hub":
+        return
+    try:
+        config = json.loads((root / "adapter_config.json").read_text())
+    except ValueError:
+        raise ControlError(f"model.controls.{task}: {root / 'adapter_config.json'} is not valid JSON; "
+                           f"re-save the adapter with peft's save_pretrained") from None
+    made_for = config.get("revision")
+    if made_for in (None, ""):
+        return
+    loaded = revision or "main"
+    if str(made_for) == str(loaded) or str(made_for) == base_identity.get("commit"):
+        return
+    try:
+        if checkpoint_identity(base, str(made_for)).get("commit") == base_identity.get("commit"):
+            return  # a branch or tag that resolves to the commit this run loads
+    except BackboneError:
+        pass  # a revision the local cache cannot resolve: it is not the loaded one
+    raise ControlError(f"model.controls.{task}: the LoRA adapter {adapter_dir} was made for revision '{made_for}' of "
+                       f"{config.get('base_model_name_or_path') or base}, but this run loads revision '{loaded}' "
+                       f"(commit {base_identity.get('commit')}) of the base {base}; set model.revision={made_for} "
+                       f"or give an adapter trained on revision '{loaded}'")
 
 
 def _check_tokenizer(task, checkpoint, base, model_cfg):

@@ -86,8 +86,9 @@ def load_causal_lm(checkpoint: str, revision=None, trust_remote_code: bool = Fal
                                                     dtype=torch.float32)
 
 
-def add_lora(model, cfg: TuningConfig):
-    """peft's LoRA on `cfg.target_modules`; every other weight is frozen (bit-identical after training)."""
+def add_lora(model, cfg: TuningConfig, revision=None):
+    """peft's LoRA on `cfg.target_modules`; every other weight is frozen (bit-identical after training).
+    `revision` (the base's, model.revision) is recorded in adapter_config.json, as peft does."""
     from peft import LoraConfig, get_peft_model
 
     names = {n.split(".")[-1] for n, _ in model.named_modules()}
@@ -97,7 +98,8 @@ def add_lora(model, cfg: TuningConfig):
                           f"(it has e.g. {sorted(n for n in names if 'proj' in n or 'attn' in n)[:8]}); set tuning.target_modules")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
-    return get_peft_model(model, lora)
+    with quiet_transformers():
+        return get_peft_model(model, lora, revision=revision)
 
 
 def resume_point(work: Path | None) -> tuple[str | None, int]:
@@ -183,7 +185,7 @@ def tune(base: str, prompts: list[str], answers: list[str] | None, cfg: TuningCo
         L.seed_everything(cfg.seed, verbose=False)  # the LoRA init
         model = load_causal_lm(base, revision, trust_remote_code)
         if cfg.method == "lora":
-            model = add_lora(model, cfg)
+            model = add_lora(model, cfg, revision)
         model.train()
         module = CausalLMTuning(model, cfg.lr, len(plan), cfg.warmup_ratio, None, cfg.min_lr_ratio, cfg.weight_decay, lr_scale)
         work = root.with_name(f".{fp}.work")
@@ -216,8 +218,9 @@ def publish(model, tokenizer, root: Path, work: Path, manifest: dict) -> None:
     """Write weights (adapter only for LoRA), tokenizer and logs into a tmp dir, manifest last, then rename."""
     tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # a PeftModel saves the adapter alone (adapter_config.json + adapter_model.safetensors)
-    tokenizer.save_pretrained(tmp)
+    with quiet_transformers():
+        model.save_pretrained(tmp)  # a PeftModel saves the adapter alone (adapter_config.json + adapter_model.safetensors)
+        tokenizer.save_pretrained(tmp)
     if (work / "logs").exists():
         shutil.copytree(work / "logs", tmp / "logs")
     manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
