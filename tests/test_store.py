@@ -162,11 +162,25 @@ def test_manifest_records_exact_sizes_and_crc32(llama_dir, task, tmp_path):
     assert store.damage(verify=True) is None
 
 
-def test_truncated_features_are_refused_on_load_and_rebuilt(llama_dir, task, tmp_path, caplog):
+def _built_store(llama_dir, task, tmp_path):
+    """(cfg, reference features, a complete store under tmp_path/run, its features.npy)."""
     cfg = ExtractConfig(shard_size=16)
     reference = _reference(llama_dir, task, tmp_path, cfg)
     store = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
-    path = store.root / "features.npy"
+    return cfg, reference, store, store.root / "features.npy"
+
+
+def _rebuilt_with_one_warning(llama_dir, task, tmp_path, cfg, caplog, reason):
+    """The next ensure_features call: one warning naming `reason` and "rebuilding", and the rebuilt store."""
+    with caplog.at_level("WARNING"):
+        rebuilt = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and reason in warnings[0] and "rebuilding" in warnings[0]
+    return rebuilt
+
+
+def test_truncated_features_are_refused_on_load_and_rebuilt(llama_dir, task, tmp_path, caplog):
+    cfg, reference, store, path = _built_store(llama_dir, task, tmp_path)
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size // 2)
@@ -176,18 +190,12 @@ def test_truncated_features_are_refused_on_load_and_rebuilt(llama_dir, task, tmp
     assert str(store.root) in message and f"{size // 2} bytes" in message and str(size) in message
     assert "\n" not in message and "rebuild" in message
 
-    with caplog.at_level("WARNING"):
-        rebuilt = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
-    warnings = _warnings(caplog)
-    assert len(warnings) == 1 and "damaged" in warnings[0] and "rebuilding" in warnings[0]
+    rebuilt = _rebuilt_with_one_warning(llama_dir, task, tmp_path, cfg, caplog, "damaged")
     np.testing.assert_array_equal(np.asarray(rebuilt.load()[0]), reference)
 
 
 def test_same_size_corruption_is_caught_by_the_checksum_on_request(llama_dir, task, tmp_path, caplog):
-    cfg = ExtractConfig(shard_size=16)
-    reference = _reference(llama_dir, task, tmp_path, cfg)
-    store = ensure_features("base", str(llama_dir), [task], cfg, TRAINER, tmp_path / "run")["sentiment"]
-    path = store.root / "features.npy"
+    cfg, reference, store, path = _built_store(llama_dir, task, tmp_path)
     size = path.stat().st_size
     _zero_rows(path, slice(5, 25), reference[0].nbytes, _npy_header_len(path))
     assert path.stat().st_size == size
@@ -197,11 +205,7 @@ def test_same_size_corruption_is_caught_by_the_checksum_on_request(llama_dir, ta
     with pytest.raises(FeatureError, match="checksum"):
         store.load(verify=True)
 
-    with caplog.at_level("WARNING"):
-        rebuilt = ensure_features("base", str(llama_dir), [task], replace(cfg, verify=True), TRAINER,
-                                  tmp_path / "run")["sentiment"]
-    warnings = _warnings(caplog)
-    assert len(warnings) == 1 and "checksum" in warnings[0] and "rebuilding" in warnings[0]
+    rebuilt = _rebuilt_with_one_warning(llama_dir, task, tmp_path, replace(cfg, verify=True), caplog, "checksum")
     np.testing.assert_array_equal(np.asarray(rebuilt.load(verify=True)[0]), reference)
 
 
