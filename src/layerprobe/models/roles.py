@@ -73,31 +73,33 @@ def _same_weights(a: dict, b: dict) -> bool:
     return False
 
 
+def read_adapter_file(task: str, root, name: str) -> dict:
+    """A JSON file of a control's adapter dir; an unreadable or cut-off one is one ControlError line."""
+    import json
+
+    try:
+        return json.loads((root / name).read_text())
+    except (OSError, ValueError) as e:
+        raise ControlError(f"model.controls.{task}: cannot read {root / name} ({e.__class__.__name__}: {e}); "
+                           f"fix or re-create the adapter dir, or give a merged checkpoint") from None
+
+
 def check_adapter_base(task: str, adapter_dir: str, base: str, base_identity: dict, revision=None) -> None:
     """A LoRA control must be an adapter of this run's base model."""
-    import json
     from pathlib import Path
 
     from layerprobe.models.load import checkpoint_identity, is_local
 
     root = Path(adapter_dir).expanduser()
-
-    def read_json(name: str) -> dict:
-        try:
-            return json.loads((root / name).read_text())
-        except (OSError, ValueError) as e:
-            raise ControlError(f"model.controls.{task}: cannot read {root / name} ({e.__class__.__name__}: {e}); "
-                               f"fix or re-create the adapter dir, or give a merged checkpoint") from None
-
     made_for = None
     if (root / "manifest.json").exists():  # made by layerprobe's tuning stage: it recorded the base's identity
-        meta = read_json("manifest.json")
+        meta = read_adapter_file(task, root, "manifest.json")
         if meta.get("kind") == "layerprobe-model" and "base" in meta:
             if _same_weights(meta["base"], base_identity):
                 return
             made_for = meta.get("base_checkpoint") or meta["base"].get("path") or meta["base"].get("id")
     if made_for is None:
-        config = read_json("adapter_config.json")
+        config = read_adapter_file(task, root, "adapter_config.json")
         declared = config.get("base_model_name_or_path")
         if not declared or declared == base:
             return

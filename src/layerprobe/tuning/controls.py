@@ -14,14 +14,14 @@ demo suite, label columns).
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 
 import numpy as np
 
 from layerprobe.models.load import checkpoint_identity, has_tokenizer, is_adapter_dir
-from layerprobe.models.roles import ControlError, check_adapter_base, check_controls, check_same_family, control_role
+from layerprobe.models.roles import (ControlError, check_adapter_base, check_controls, check_same_family, control_role,
+                                     read_adapter_file)
 from layerprobe.tuning.config import TuningError
 from layerprobe.tuning.run import tune
 
@@ -110,11 +110,7 @@ def check_adapter_revision(task: str, adapter_dir: str, base: str, base_identity
     root = Path(adapter_dir).expanduser()
     if (root / "manifest.json").exists() or is_local(base) or base_identity.get("kind") != "hub":
         return
-    try:
-        config = json.loads((root / "adapter_config.json").read_text())
-    except ValueError:
-        raise ControlError(f"model.controls.{task}: {root / 'adapter_config.json'} is not valid JSON; "
-                           f"re-save the adapter with peft's save_pretrained") from None
+    config = read_adapter_file(task, root, "adapter_config.json")
     made_for = config.get("revision")
     if made_for in (None, ""):
         return
