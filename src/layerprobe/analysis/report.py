@@ -284,12 +284,7 @@ def _mdl_matrices(data: RunData, views: Views, split: str, level: float) -> dict
     rows = aggregate_probes(raw[(raw["metric"] == MDL_METRIC) & (raw["probe"] == views.probe) & (raw["split"] == split)], level)
     rows = rows.assign(role=rows["model"].map(lambda m: "control" if is_control(m) else m))
     order = [m for m in views.models if m in set(rows["role"])] + sorted(set(rows["role"]) - set(views.models))
-    layers = views.layers()
-    out = {}
-    for role in order:
-        wide = rows[rows["role"] == role].pivot_table(index="task", columns="layer", values="mean")
-        out[role] = wide.reindex(index=views.task_order(wide.index), columns=layers or list(wide.columns)).astype(float)
-    return out
+    return {role: views._matrix(rows[rows["role"] == role]) for role in order}  # the views' task order and layers
 
 
 def _mdl_summary(shown: dict[str, pd.DataFrame], chooser: dict[str, pd.DataFrame], chosen_on: str, level: float) -> pd.DataFrame:
