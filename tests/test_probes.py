@@ -127,3 +127,44 @@ def test_bad_probe_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
         ProbeConfig(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_nystrom_recovers_a_low_rank_moment_exactly():
+    """A PSD matrix of rank k <= r is reproduced exactly by its rank-r Nystrom factorization
+    (Tropp et al. 2017), with orthonormal eigenvectors, in float64."""
+    from layerprobe.probes.solver import nystrom
+
+    rng = np.random.default_rng(1)
+    d, k, r = 30, 6, 10
+    G = torch.from_numpy(rng.normal(size=(2, d, k)) * np.array([1.0, 1e-2])[:, None, None])  # two scales
+    A = G @ G.transpose(1, 2)
+    omega = torch.from_numpy(rng.normal(size=(d, r)))
+    U, lam = nystrom(A @ omega, omega)
+    torch.testing.assert_close(U @ torch.diag_embed(lam) @ U.transpose(1, 2), A, atol=1e-9 * float(A.abs().max()), rtol=0)
+    # the eigenvectors of the k nonzero eigenvalues are orthonormal; A's null space has no
+    # columns (its singular values in the sketch are only the shift's): those are 0
+    Uk = U[:, :, -k:]
+    torch.testing.assert_close(Uk.transpose(1, 2) @ Uk, torch.eye(k, dtype=torch.float64).expand(2, k, k), atol=1e-10, rtol=0)
+    exact = torch.linalg.eigvalsh(A)[:, -k:]
+    torch.testing.assert_close(lam[:, -k:], exact, atol=1e-9 * float(exact.max()), rtol=0)
+    assert float(U[:, :, : r - k].abs().max()) == 0.0 and float(lam[:, : r - k].abs().max()) == 0.0
+
+
+def test_full_batch_solver_with_a_low_rank_preconditioner_reaches_the_sklearn_optimum():
+    """Hidden-state-like features (a low-rank latent plus a little noise): the solver's Nystrom
+    preconditioner stays below full rank, and every head still reaches scikit-learn's optimum."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(2)
+    n, d, C, latent = 400, 48, 3, 5
+    y = rng.integers(0, C, n)
+    z = rng.normal(size=(n, latent)) + rng.normal(size=(C, latent))[y]
+    x = z @ rng.normal(size=(latent, d)) + 0.05 * rng.normal(size=(n, d))
+    x = (x - x.mean(0)) / x.std(0)
+    wds = [1e-2, 1e-1]
+    W, b, info = fit_softmax_heads(torch.from_numpy(x[None]), torch.from_numpy(y).view(-1, 1), torch.ones(n, 1),
+                                   torch.tensor(wds, dtype=torch.float64), C, max_iter=500, tol=1e-12, precond_rank=8)
+    assert info["precond_rank"] < d / 2  # the Nystrom path, not the exact eigendecomposition
+    for g, wd in enumerate(wds):
+        ref = LogisticRegression(C=1 / (2 * n * wd), tol=1e-12, max_iter=10000).fit(x, y)
+        np.testing.assert_allclose(W[0, :, g].numpy(), ref.coef_.T, atol=2e-4 * np.abs(ref.coef_).max())

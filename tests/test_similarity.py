@@ -24,7 +24,8 @@ from layerprobe.similarity import (
     streaming_cka,
     svcca,
 )
-from layerprobe.similarity.estimators import feature_stats, gram_stats, linear_grams
+from layerprobe.similarity import estimators
+from layerprobe.similarity.estimators import feature_stats, gram_stats, gram_tiles, linear_grams
 
 # ----------------------------------------------------------------------------------------
 # Independent float64 references
@@ -168,6 +169,56 @@ def test_cka_matrix_equals_loop_over_pairs(debiased):
     np.testing.assert_allclose(got, ref, atol=1e-7)
     within = cka_matrix(a, debiased=debiased)  # one call also gives a model against itself
     np.testing.assert_allclose(within, [[ref_linear(a[:, i], a[:, j], debiased) for j in range(3)] for i in range(3)], atol=1e-7)
+
+
+def test_unbiased_hsic_is_invariant_to_shifting_the_features():
+    # Shifting features by c adds a_i + b_j terms to K, which U-centring removes (Szekely & Rizzo
+    # 2014, Ann. Statist. 42(6), arXiv 1310.2926; Song et al. 2012's estimator is that U-centred
+    # inner product): so centring the features before the float32 products changes no number.
+    x, y = make_pair(50, 7, seed=30)
+    shift = 5.0 * np.random.default_rng(30).standard_normal(7)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    want = ref_hsic_unbiased(xc @ xc.T, yc @ yc.T)
+    assert ref_hsic_unbiased((x + shift) @ (x + shift).T, (y - 2.0) @ (y - 2.0).T) == pytest.approx(want, rel=1e-9)
+    assert ref_hsic_biased((x + shift) @ (x + shift).T, y @ y.T) == pytest.approx(ref_hsic_biased(xc @ xc.T, yc @ yc.T), rel=1e-9)
+
+
+@pytest.mark.parametrize("n,r_max", [(5, 64), (600, 300), (1001, 260), (2000, 409)])
+def test_gram_tiles_cover_every_pair_once(n, r_max):
+    cover = np.zeros((n, n), dtype=int)
+    for i, j, w in gram_tiles(n, r_max):
+        assert (w == 1.0) == (i == j)  # only a tile on the diagonal counts once; the others stand for their transpose
+        assert i.stop - i.start <= r_max and j.stop - j.start <= r_max
+        cover[i, j] += 1
+        if w == 2.0:
+            cover[j, i] += 1
+    np.testing.assert_array_equal(cover, 1)
+
+
+@pytest.mark.parametrize("gram_dtype,tol", [(torch.float32, 1e-8), (torch.float64, 1e-12)])
+def test_tiled_gram_stats_match_the_float64_reference(monkeypatch, gram_dtype, tol):
+    # A small block budget makes n = 600 two blocks of 300 rows (an off-diagonal tile of weight 2)
+    # with each diagonal block split in halves; features far from the origin (means ~1e3) show
+    # that centring before the float32 products keeps them exact (measured error ~4e-10).
+    n = 600
+    monkeypatch.setattr(estimators, "GRAM_BLOCK_BYTES", 12 * 5 * 300**2)  # 5 = 2 + 3 layers
+    assert {(i.stop - i.start, j.stop - j.start) for i, j, _ in gram_tiles(n, 300)} == {(300, 300), (150, 150)}
+    rng = np.random.default_rng(31)
+    a = rng.standard_normal((n, 2, 40))
+    mix = lambda x: x @ rng.standard_normal((40, 40)) / math.sqrt(40)  # noqa: E731
+    b = np.stack([mix(a[:, 0]) + 0.5 * rng.standard_normal((n, 40)), rng.standard_normal((n, 40)), mix(a[:, 1])], axis=1)
+    src_a = linear_grams(a + 1e3 * rng.standard_normal(40), [0, 1], "cpu", gram_dtype)
+    src_b = linear_grams(b - 1e3, [0, 1, 2], "cpu", gram_dtype)
+    src_b2 = linear_grams(b - 1e3, [0, 1], "cpu", gram_dtype)
+    for debiased in (False, True):
+        ref = np.array([[ref_linear(a[:, i], b[:, j], debiased) for j in range(3)] for i in range(2)])
+        within = np.array([[ref_linear(a[:, i], a[:, j], debiased) for j in range(2)] for i in range(2)])
+        np.testing.assert_allclose(gram_stats(src_a, src_b, False).cka(debiased).numpy(), ref, atol=tol, rtol=0)
+        np.testing.assert_allclose(gram_stats(src_a, src_b2, True).cka(debiased).numpy(), np.diag(ref[:, :2]), atol=tol, rtol=0)
+        np.testing.assert_allclose(gram_stats(src_a, src_a, False).cka(debiased).numpy(), within, atol=tol, rtol=0)
+        np.testing.assert_allclose(gram_stats(src_a, src_a, True).cka(debiased).numpy(), [1.0, 1.0], atol=tol, rtol=0)
+        # stored Grams (RBF kernels, resampling) go through the same tiles as views
+        np.testing.assert_allclose(gram_stats(src_a.stored(), src_b.stored(), False).cka(debiased).numpy(), ref, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("debiased", [False, True])

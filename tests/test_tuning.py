@@ -91,9 +91,10 @@ def test_lora_trains_only_the_adapter_and_a_second_request_reuses_it(base, tmp_p
     seen = {}
     real_publish = tuning_run.publish
 
-    def spy(model, tokenizer, root, work, manifest):
+    def spy(model, tokenizer, root, work, state, manifest):
+        assert state is None  # one device: the model's own weights are published
         seen["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        real_publish(model, tokenizer, root, work, manifest)
+        real_publish(model, tokenizer, root, work, state, manifest)
 
     monkeypatch.setattr(tuning_run, "publish", spy)
     prompts, answers = pairs()
@@ -134,19 +135,27 @@ def test_full_fine_tuning_with_lr_scales_freezes_what_scale_zero_names(base, tmp
     assert not torch.equal(before["model.layers.1.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
 
 
+def kill_at_step_from_env() -> None:
+    """In a tuning subprocess: with KILL_AT=k in the environment, kill -9 the process once global step k is done."""
+    import signal
+
+    from layerprobe.tuning.module import CausalLMTuning
+
+    kill_at = int(os.environ.get("KILL_AT", "0"))
+    if kill_at:
+        def on_train_batch_end(self, *args):
+            if self.trainer.global_step >= kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        CausalLMTuning.on_train_batch_end = on_train_batch_end
+
+
 SCRIPT = """
-import os, signal, sys
+import os, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from layerprobe.tuning import TuningConfig, tune
-from layerprobe.tuning.module import CausalLMTuning
-from test_tuning import pairs, recipe
-kill_at = int(os.environ.get("KILL_AT", "0"))
-if kill_at:
-    def on_train_batch_end(self, *args):
-        if self.trainer.global_step >= kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    CausalLMTuning.on_train_batch_end = on_train_batch_end
+from test_tuning import kill_at_step_from_env, pairs, recipe
+kill_at_step_from_env()
 if os.environ.get("START"):  # a concurrent job: log like train.py does, begin when the start file appears
     import logging, time
     logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")

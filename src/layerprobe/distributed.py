@@ -15,6 +15,11 @@
 A later `lightning.Trainer` in the same processes finds the process group and `LOCAL_RANK`
 already set, so it neither launches processes again nor builds a new group.
 
+`trainer.strategy=fsdp` (GPUs only) shards the tuning stage (layerprobe.tuning.run) with
+Lightning's FSDPStrategy. The ranks are started and joined exactly as for DDP; extraction
+and probes, which train nothing large, run data-parallel (DDP) on those same ranks, and
+only the tuning stage's Trainer gets FSDP (`Ranks.tuning_strategy`).
+
 Policy for `-m` with more than one rank: only where the cluster creates the processes
 (SLURM through hydra/launcher=slurm, torchrun). A local sweep (basic or joblib
 launcher) refuses, because Lightning re-executes the command line, which for a sweep
@@ -59,6 +64,8 @@ class Ranks:
     trainer_cfg: dict = field(default_factory=dict)
     fabric: Any = None
     lease: Optional[FileLock] = None
+    # the strategy for the tuning stage's Trainer when it differs from trainer_cfg's ("fsdp"), else None
+    tuning_strategy: Any = None
 
     @property
     def rank(self) -> int:
@@ -167,16 +174,54 @@ def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def is_fsdp(strategy) -> bool:
+    """`trainer.strategy` names Lightning's FSDP: "fsdp" (any case) or an FSDPStrategy instance."""
+    if isinstance(strategy, str):
+        return strategy.strip().lower() == "fsdp"
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def check_strategy(trainer_cfg: dict) -> None:
+    """trainer.strategy=fsdp on a machine or accelerator without GPUs: one line naming the fix.
+
+    Lightning runs FSDP on CUDA devices only (it refuses FSDPStrategy with accelerator=cpu),
+    so this is refused before any model is loaded rather than deep inside the first Trainer.
+    """
+    if not is_fsdp(trainer_cfg.get("strategy", "auto")):
+        return
+    accelerator = str(trainer_cfg.get("accelerator", "auto")).lower()
+    if accelerator == "auto":
+        import torch
+
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator not in ("gpu", "cuda"):
+        raise DistributedError(
+            f"trainer.strategy=fsdp needs GPUs (Lightning runs FSDP on CUDA devices only), but the accelerator is "
+            f"{accelerator}; use trainer.accelerator=gpu on a machine with GPUs, or trainer.strategy=ddp on the CPU")
+
+
 def launch(trainer_cfg: dict) -> Ranks:
     """Start (or join) the ranks that `trainer_cfg` asks for; one device: nothing happens.
 
     On a single machine Lightning re-executes the Hydra command for ranks > 0 with
     `hydra.run.dir` set to this run's dir (and `hydra.output_subdir=null`), so every rank
     works in the same run dir; only rank 0 writes outputs.
+
+    trainer.strategy=fsdp: the ranks are launched as for DDP; the returned `trainer_cfg` (what
+    extraction and probes get) says ddp (auto on one device) and `tuning_strategy` keeps fsdp.
     """
     trainer_cfg = dict(trainer_cfg)
+    check_strategy(trainer_cfg)
+    tuning_strategy = None
+    if is_fsdp(trainer_cfg.get("strategy", "auto")):
+        tuning_strategy = trainer_cfg["strategy"]
+        trainer_cfg["strategy"] = "auto" if _one_device(trainer_cfg) else "ddp"
+        log.info("trainer.strategy=fsdp: the tuning stage trains sharded (FSDP); feature extraction and probes run "
+                 "data-parallel (%s) on the same devices", trainer_cfg["strategy"])
     if _one_device(trainer_cfg):
-        return Ranks(trainer_cfg, lease=lease_gpu(trainer_cfg))
+        return Ranks(trainer_cfg, lease=lease_gpu(trainer_cfg), tuning_strategy=tuning_strategy)
     from lightning.fabric.strategies import DDPStrategy
     from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
     from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -188,18 +233,18 @@ def launch(trainer_cfg: dict) -> Ranks:
     strategy = requested.strategy
     world = getattr(strategy, "num_processes", 1) * getattr(strategy, "num_nodes", 1)
     if world == 1:
-        return Ranks(trainer_cfg)
+        return Ranks(trainer_cfg, tuning_strategy=tuning_strategy)
     if not isinstance(strategy, DDPStrategy) or not isinstance(strategy.launcher, _SubprocessScriptLauncher):
         raise DistributedError(
             f"trainer.strategy={trainer_cfg.get('strategy')} is not supported with {world} processes; "
-            "use trainer.strategy=ddp (or auto)")
+            "use trainer.strategy=ddp (or auto), or fsdp to shard the tuning stage on GPUs")
     external = strategy.cluster_environment.creates_processes_externally
     if _in_sweep() and not external:
         raise DistributedError(sweep_policy_message(world))
     # The process group is built once here; the Trainers of the run reuse it.
     fabric = _fabric(trainer_cfg, DDPStrategy(timeout=PROCESS_GROUP_TIMEOUT))
     fabric.launch()
-    ranks = Ranks(trainer_cfg, fabric)
+    ranks = Ranks(trainer_cfg, fabric, tuning_strategy=tuning_strategy)
     if not ranks.is_zero:
         rank_logging(ranks.rank)
     log.info("rank %d of %d (%s)", ranks.rank, ranks.world_size, type(strategy.cluster_environment).__name__)

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from layerprobe.config import (ExtractConfig, ModelConfig, PathsConfig, ProbeConfig, TaskConfig, to_dataclass)
-from layerprobe.distributed import launch
+from layerprobe.distributed import check_strategy, launch
 from layerprobe.features.extract import check_trainer, ensure_features, log_cached
 from layerprobe.features.store import FeatureError, atomic_write_bytes, prepare_cache_dir
 from layerprobe.models.load import AdapterSet, adapter_identity, checkpoint_identity, has_tokenizer, is_adapter_dir
@@ -143,6 +143,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     s = RunSettings.from_config(cfg)
     run_dir = Path(run_dir)
     cache_dir = prepare_cache_dir(s.paths.cache_dir)  # created and writable, or one line
+    check_strategy(s.trainer)  # fsdp without GPUs: our one line, not Lightning's, before anything is resolved
     check_trainer(s.trainer)  # Lightning accepts the trainer settings, before any model is built or loaded
     tasks = load_tasks(s.task)
     log.info("%d task(s): %s", len(tasks), ", ".join(t.name for t in tasks))

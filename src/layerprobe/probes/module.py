@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from layerprobe.distributed import RankSliceBatchSampler, rescale_for_ranks
@@ -32,18 +32,14 @@ from layerprobe.probes.solver import fit_softmax_heads
 
 
 class _Rows(Dataset):
-    """Rows of features, targets and MDL positions, indexed a whole batch at a time.
+    """Rows of standardized features, targets and MDL positions, indexed a whole batch at a time.
 
-    x: [N, layers, d] features (any strides: the train split is a view of layer-major
-    storage, which the full-batch solver reads without a copy). rows: which rows of x are
-    this split's (default: all of them, in order). mean, std: standardize on the fly (the
-    val and test splits are read from the caller's features a batch at a time, not copied).
-    An index may be a slice (a view when neither rows nor mean apply) or row positions.
+    x: [layers, N, d] layer-major storage (the full-batch solver's and the heads' layout);
+    a slice index is a view of it, row positions gather a copy.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None = None,
-                 mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
-        self.x, self.y, self.pos, self.rows, self.mean, self.std = x, y, pos, rows, mean, std
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, pos: torch.Tensor):
+        self.x, self.y, self.pos = x, y, pos
 
     def __len__(self) -> int:
         return len(self.y)
@@ -51,11 +47,37 @@ class _Rows(Dataset):
     def __getitem__(self, idx):
         if not isinstance(idx, slice):
             idx = torch.as_tensor(idx)
-        at = idx if self.rows is None else self.rows[idx]
-        x = self.x[at]
-        if self.mean is not None:
-            x = (x - self.mean) / self.std
-        return x, self.y[idx], self.pos[idx]
+        return self.x[:, idx].transpose(0, 1), self.y[idx], self.pos[idx]  # x as [rows, layers, d]
+
+
+class _SliceBatches:
+    """Consecutive batches as slices, so a batch of layer-major rows is a view, not a gather."""
+
+    def __init__(self, n: int, batch_size: int):
+        self.n, self.batch_size = n, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        return (slice(i, min(i + self.batch_size, self.n)) for i in range(0, self.n, self.batch_size))
+
+
+def _gather_layer_major(feats: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """feats [N, layers, d] (any strides) -> rows of every layer, [layers, len(rows), d], in one pass."""
+    n, layers, d = feats.shape
+    out = torch.empty(layers, len(rows), d, dtype=torch.float32)
+    for layer in range(layers):
+        torch.index_select(feats[:, layer], 0, rows, out=out[layer])
+    return out
+
+
+def _row_sum(t: torch.Tensor) -> torch.Tensor:
+    """[layers, rows, d] -> float64 [layers, d]: float64 sums of float32 sums over blocks of 256
+    rows (as accurate as float64 sums of every row, and ~10x faster)."""
+    if t.shape[1] == 0:
+        return torch.zeros(t.shape[0], t.shape[2], dtype=torch.float64)
+    return torch.stack([t[:, i : i + 256].sum(1) for i in range(0, t.shape[1], 256)]).sum(0, dtype=torch.float64)
 
 
 class CachedFeatureData(L.LightningDataModule):
@@ -64,8 +86,11 @@ class CachedFeatureData(L.LightningDataModule):
     features: [n, layers, d] (already the selected layers, possibly several models side by
     side); targets: [n, V] integer labels per variant; split_idx: row indices per split;
     positions: [n_train] each train row's place in the MDL order (default: as given).
+    Every split is gathered once into layer-major [layers, n_split, d] storage and
+    standardized in place, so batches are views and the heads read contiguous rows per layer.
     full_batch: the train loader yields this rank's whole share of the train split as one
-    batch (for the full-batch solver); otherwise shuffled mini-batches.
+    batch (for the full-batch solver), and val and test come as one batch each; otherwise
+    shuffled train mini-batches and val/test batches of batch_size.
     """
 
     def __init__(self, features: np.ndarray, targets: np.ndarray, split_idx: dict[str, np.ndarray], batch_size: int,
@@ -76,37 +101,30 @@ class CachedFeatureData(L.LightningDataModule):
         with warnings.catch_warnings():  # a read-only store (memmap) is fine: it is only ever read
             warnings.filterwarnings("ignore", message=".*not writable.*")
             feats = torch.from_numpy(features)
-        n, layers, d = feats.shape
+        layers = feats.shape[1]
         rows = {s: torch.from_numpy(np.asarray(idx, dtype=np.int64)) for s, idx in split_idx.items()}
-        # the train split, layer-major [layers, n_train, d]: the solver's layout, gathered in one pass
-        train = torch.empty(layers, len(rows["train"]), d, dtype=torch.float32)
-        for layer in range(layers):
-            torch.index_select(feats[:, layer], 0, rows["train"], out=train[layer])
+        split = {s: _gather_layer_major(feats, idx) for s, idx in rows.items()}
+        train = split["train"]
         n_train = train.shape[1]
-        # float64 sums of float32 sums over blocks of 256 rows (as accurate, and ~10x faster than
-        # float64 sums of every row); the centred pass keeps the variance accurate in float32 data
-        def row_sum(t):  # [layers, rows, d] -> [layers, d]
-            blocks = [t[:, i : i + 256].sum(1) for i in range(0, t.shape[1], 256)]
-            return torch.stack(blocks).sum(0, dtype=torch.float64) if blocks else torch.zeros(t.shape[0], t.shape[2], dtype=torch.float64)
-
-        mean = row_sum(train) / max(n_train, 1)  # [layers, d]
+        mean = _row_sum(train) / max(n_train, 1)  # [layers, d]
         train -= mean.float().unsqueeze(1)
-        var = torch.cat([row_sum(train[layer : layer + 1].square()) for layer in range(layers)]) / max(n_train, 1)
+        # the centred pass keeps the variance accurate in float32 data
+        var = torch.cat([_row_sum(train[layer : layer + 1].square()) for layer in range(layers)]) / max(n_train, 1)
         std = var.sqrt()
         # constant dims carry no signal: dividing by 1 keeps them at 0 instead of NaN
         self.mean, self.std = mean.float(), torch.where(std > 1e-8, std, torch.ones_like(std)).float()
         train /= self.std.unsqueeze(1)
-        pos = {"train": torch.from_numpy(np.asarray(positions if positions is not None else np.arange(n_train), dtype=np.int64))}
-        self.data = {"train": _Rows(train.transpose(0, 1), torch.from_numpy(targets[split_idx["train"]]), pos["train"])}
-        for s, idx in rows.items():  # val, test: standardized a batch at a time from the caller's features
+        for s, x in split.items():
             if s != "train":
-                self.data[s] = _Rows(feats, torch.from_numpy(targets[split_idx[s]]), torch.full((len(idx),), -1, dtype=torch.int64),
-                                     rows=idx, mean=self.mean, std=self.std)
+                x.sub_(self.mean.unsqueeze(1)).div_(self.std.unsqueeze(1))
+        pos = {"train": torch.from_numpy(np.asarray(positions if positions is not None else np.arange(n_train), dtype=np.int64))}
+        self.data = {s: _Rows(split[s], torch.from_numpy(targets[split_idx[s]]),
+                              pos.get(s, torch.full((len(rows[s]),), -1, dtype=torch.int64))) for s in split}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
         rows = self.data[split]
-        order = RandomSampler(rows) if shuffle else SequentialSampler(rows)
-        return DataLoader(rows, sampler=BatchSampler(order, self.batch_size, drop_last=False), batch_size=None)
+        size = max(len(rows), 1) if self.full_batch else self.batch_size
+        return DataLoader(rows, sampler=_SliceBatches(len(rows), size), batch_size=None)
 
     def train_dataloader(self):
         trainer = self.trainer
@@ -119,13 +137,14 @@ class CachedFeatureData(L.LightningDataModule):
         if world > 1:  # DDP: each rank takes its slice of every global batch
             slices = RankSliceBatchSampler(len(rows), self.batch_size, rank, world)
             return DataLoader(rows, sampler=slices, batch_size=None)
-        return self._loader("train", True)
+        order = BatchSampler(RandomSampler(rows), self.batch_size, drop_last=False)
+        return DataLoader(rows, sampler=order, batch_size=None)
 
     def val_dataloader(self):
-        return self._loader("val", False)
+        return self._eval_loader("val")
 
     def test_dataloader(self):
-        return self._loader("test", False)
+        return self._eval_loader("test")
 
 
 class ProbeModule(L.LightningModule):
@@ -304,7 +323,7 @@ class ProbeModule(L.LightningModule):
         ends = torch.tensor(block_ends)
         mdl_heads = torch.arange(self.V * self.G, self.S * self.G)
         for start in range(0, len(rows), chunk):
-            x, y, pos = rows[list(range(start, min(start + chunk, len(rows))))]
+            x, y, pos = rows[start : start + chunk]  # a view of the layer-major train rows
             x, y, pos = x.to(self.device), y.to(self.device), pos.to(self.device)
             logits = self.heads(x)  # [n, L, K, C]
             hit = (logits.argmax(-1) == self._head_targets(y).unsqueeze(1)).double().sum(0)  # [L, K]

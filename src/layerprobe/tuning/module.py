@@ -14,6 +14,15 @@ import math
 import lightning as L
 import torch
 
+# Wrappers that FSDP (and its activation checkpointing) insert into parameter names; state dicts use the clean names.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """The lr factor at optimizer step `step` (0-based) of `total`."""
@@ -39,6 +48,7 @@ class CausalLMTuning(L.LightningModule):
         self.warmup_ratio, self.warmup_steps, self.min_lr_ratio = warmup_ratio, warmup_steps, min_lr_ratio
         self.lr_scale = lr_scale  # callable(param name) -> factor, or None
         self.strict_loading = False  # resume checkpoints hold the trained parameters only
+        self.full_state = None  # set by layerprobe.tuning.run.fit under FSDP: the gathered weights (rank 0)
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -50,14 +60,21 @@ class CausalLMTuning(L.LightningModule):
         return loss
 
     def trained_names(self) -> set[str]:
-        return {n for n, p in self.named_parameters() if p.requires_grad}
+        """State-dict keys of the parameters this module trains: requires_grad and an lr factor other than 0
+        (known before configure_optimizers freezes the factor-0 ones). Clean names: FSDP's wrappers rename parameters."""
+        names = set()
+        for name, param in self.model.named_parameters():
+            name = clean_name(name)
+            if param.requires_grad and (self.lr_scale is None or self.lr_scale(name) != 0):
+                names.add(f"model.{name}")
+        return names
 
     def configure_optimizers(self):
         groups: dict[float, list] = {}
         for name, param in self.model.named_parameters():
             if not param.requires_grad:
                 continue
-            scale = self.lr_scale(name) if self.lr_scale else 1.0
+            scale = self.lr_scale(clean_name(name)) if self.lr_scale else 1.0
             if scale == 0:
                 param.requires_grad_(False)
                 continue
@@ -77,6 +94,8 @@ class CausalLMTuning(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" not in checkpoint:
+            return  # FSDP: the strategy loaded the weights already (run.fit checked them first)
         missing = self.trained_names() - set(checkpoint["state_dict"])
         if missing:
             raise RuntimeError(f"resume checkpoint lacks trained parameters, e.g. {sorted(missing)[:3]}")

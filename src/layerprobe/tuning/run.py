@@ -12,6 +12,13 @@ rendering, + world size). A second identical request trains nothing and logs tha
 reused the model. A run killed at any point (kill -9 included) resumes from the last
 Lightning checkpoint in the work dir and reproduces the same batches (data.training_plan).
 Concurrent jobs share the cache: a file lock per fingerprint, one trains, the others wait.
+
+trainer.devices=N trains data-parallel (DDP: each rank holds the whole model). With
+trainer.strategy=fsdp (GPUs) Lightning's FSDPStrategy shards parameters, gradients and
+optimizer state over the ranks (`fsdp_strategy`: one FSDP unit per decoder layer, found from
+the model's `_no_split_modules`). The sharded weights are gathered once, after the last step,
+into a full state dict on rank 0 (on the CPU), which is what gets published; resume
+checkpoints are full state dicts as well (Lightning's `state_dict_type="full"`).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from layerprobe.features.store import atomic_write_bytes, fingerprint
 from layerprobe.models.load import checkpoint_identity, check_checkpoint, quiet_transformers
@@ -107,15 +115,63 @@ def resume_point(work: Path | None) -> tuple[str | None, int]:
     path = None if work is None else work / "checkpoints" / "last.ckpt"
     if path is None or not path.exists():
         return None, 0
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: every rank reads the step, and a full fine-tune's checkpoint is as big as the model
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return str(path), int(state["global_step"])
+
+
+def decoder_layer_classes(model) -> set[type]:
+    """The block classes of a Hugging Face model: those its `_no_split_modules` names (also through peft)."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def fsdp_strategy(model, timeout=None) -> FSDPStrategy:
+    """Lightning's FSDPStrategy with defaults for causal LMs.
+
+    - one FSDP unit per decoder layer (ModuleWrapPolicy over the classes `_no_split_modules`
+      names), so only one layer's full weights exist on a GPU at a time; the embeddings, final
+      norm and LM head go into the root unit;
+    - use_orig_params=True: peft puts frozen base weights and trainable LoRA weights in the same
+      layer (one flat parameter), and the optimizer's parameter groups (lr_scale) name the
+      original parameters;
+    - no sync_module_states (DDP's broadcast of rank 0's weights): every rank loads the same
+      checkpoint and seeds the LoRA init with tuning.seed before wrapping (`tune`), so the shards
+      are cut from identical weights without a broadcast of the whole model;
+    - state_dict_type="full": resume checkpoints are one file (gathered on rank 0), as without FSDP.
+    Mixed precision is Lightning's `precision` flag (FSDPPrecision), set by `tuning.precision`.
+    """
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from layerprobe.distributed import PROCESS_GROUP_TIMEOUT
+
+    layers = decoder_layer_classes(model)
+    if not layers:
+        raise TuningError(f"trainer.strategy=fsdp: {type(model).__name__} names no decoder-layer class (_no_split_modules), "
+                          "so FSDP cannot shard it layer by layer; use trainer.strategy=ddp, or pass an FSDPStrategy with "
+                          "its own auto_wrap_policy as trainer_cfg['strategy'] (Python API)")
+    return FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy(layers), use_orig_params=True, state_dict_type="full",
+                        timeout=timeout or PROCESS_GROUP_TIMEOUT)
+
+
+def _is_fsdp(strategy) -> bool:
+    from layerprobe.distributed import is_fsdp
+
+    return is_fsdp(strategy)
 
 
 def fit(module: CausalLMTuning, loader, max_steps: int, grad_accum: int, trainer_cfg: dict, precision: str,
         work: Path | None = None, logger=False, log_every_n_steps: int = 10, progress: bool = True,
         save_every_n_steps: int = 50) -> dict:
     """Run Lightning's fit loop over a plan loader; resumes from work/checkpoints/last.ckpt if present
-    (the loader must start at that checkpoint's step: `resume_point`)."""
+    (the loader must start at that checkpoint's step: `resume_point`).
+
+    trainer_cfg["strategy"] = "fsdp" trains with `fsdp_strategy(module.model)` (an FSDPStrategy
+    instance is used as given). Under FSDP the trained weights are gathered after fit into
+    `module.full_state` (rank 0: the full state dict, on the CPU; other ranks: None), since each
+    rank's model then holds only its shard; without FSDP `module.full_state` is None."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     callbacks, ckpt = [], None
@@ -126,6 +182,16 @@ def fit(module: CausalLMTuning, loader, max_steps: int, grad_accum: int, trainer
                                          save_on_train_epoch_end=False, enable_version_counter=False))
         ckpt, _ = resume_point(work)
     options = {k: trainer_cfg[k] for k in TRAINER_KEYS if k in trainer_cfg}
+    fsdp = _is_fsdp(options.get("strategy", "auto"))
+    if fsdp and isinstance(options["strategy"], str):
+        options["strategy"] = fsdp_strategy(module.model)
+    if fsdp and ckpt:
+        # Lightning's FSDP loads the weights itself, non-strictly (the checkpoint holds the trained ones only),
+        # and hands on_load_checkpoint no state_dict: check here that none is missing
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+        missing = module.trained_names() - set(saved)
+        if missing:
+            raise RuntimeError(f"resume checkpoint {ckpt} lacks trained parameters, e.g. {sorted(missing)[:3]}")
     trainer = L.Trainer(max_epochs=-1, max_steps=max_steps, accumulate_grad_batches=grad_accum, precision=precision,
                         logger=logger, callbacks=callbacks, enable_checkpointing=bool(callbacks), enable_model_summary=False,
                         use_distributed_sampler=False, log_every_n_steps=log_every_n_steps, enable_progress_bar=progress,
@@ -135,10 +201,20 @@ def fit(module: CausalLMTuning, loader, max_steps: int, grad_accum: int, trainer
     with warnings.catch_warnings():
         # the plan loader starts at the checkpoint's step itself (resume_point), so the mid-epoch resume is exact
         warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        # peft keeps frozen base and trainable LoRA weights in one layer, so each FSDP unit mixes them; torch warns,
+        # listing every parameter of every layer, that the unit's sharded gradient buffer then also spans the frozen
+        # ones (1/N of the layer per GPU: the cost of use_orig_params=True, stated in docs/models.md)
+        warnings.filterwarnings("ignore", message=".*has both parameters with requires_grad=True and False")
         trainer.fit(module, loader, ckpt_path=ckpt)
+    module.full_state = None
+    if fsdp:
+        # a collective: every rank sends its shards, rank 0 gets the full weights on the CPU (Lightning's own
+        # gather for checkpoints: FULL_STATE_DICT, rank0_only, offload_to_cpu), the others get {}
+        state = trainer.strategy.lightning_module_state_dict()
+        module.full_state = {k.removeprefix("model."): v for k, v in state.items()} if trainer.is_global_zero else None
     loss = trainer.callback_metrics.get("loss")
     return {"steps": int(trainer.global_step), "final_loss": None if loss is None else float(loss), "resumed": bool(ckpt),
-            "world_size": trainer.world_size}
+            "world_size": trainer.world_size, "strategy": getattr(trainer.strategy, "strategy_name", type(trainer.strategy).__name__)}
 
 
 def tune(base: str, prompts: list[str], answers: list[str] | None, cfg: TuningConfig, cache_dir: Path, trainer_cfg: dict | None = None,
@@ -146,6 +222,8 @@ def tune(base: str, prompts: list[str], answers: list[str] | None, cfg: TuningCo
          lr_scale=None, ranks=None) -> Path:
     """Fine-tune `base` on the pairs with `cfg`; return the cached model dir (trained at most once)."""
     trainer_cfg = dict(trainer_cfg or {})
+    if getattr(ranks, "tuning_strategy", None) is not None:
+        trainer_cfg["strategy"] = ranks.tuning_strategy  # trainer.strategy=fsdp: launch() gave the rest of the run ddp
     check_checkpoint(base, name)
     identity = checkpoint_identity(base, revision)
     tokenizer = load_tokenizer(base, trust_remote_code, revision)
@@ -196,7 +274,7 @@ def tune(base: str, prompts: list[str], answers: list[str] | None, cfg: TuningCo
         stats = fit(module, loader, len(plan), cfg.grad_accum, trainer_cfg, precision_for(cfg, trainer_cfg), work,
                     make_logger(cfg.logger, work / "logs", name), cfg.log_every_n_steps, save_every_n_steps=cfg.save_every_n_steps)
         if _rank() == 0:
-            publish(model, tokenizer, root, work, {
+            publish(model, tokenizer, root, work, module.full_state, {
                 "kind": "layerprobe-model", "name": name, "method": cfg.method, "fingerprint": fp, "base": identity,
                 "base_checkpoint": str(base), "data": {"hash": data_hash, "examples": len(examples), "tasks": tasks or [],
                                                       "answer_tokens": examples.answer_tokens()},
@@ -214,12 +292,19 @@ def tune(base: str, prompts: list[str], answers: list[str] | None, cfg: TuningCo
     return root
 
 
-def publish(model, tokenizer, root: Path, work: Path, manifest: dict) -> None:
-    """Write weights (adapter only for LoRA), tokenizer and logs into a tmp dir, manifest last, then rename."""
+def publish(model, tokenizer, root: Path, work: Path, state: dict | None, manifest: dict) -> None:
+    """Write weights (adapter only for LoRA), tokenizer and logs into a tmp dir, manifest last, then rename.
+
+    state: the trained weights gathered from the ranks (FSDP; keys as in model.state_dict()), or None: the
+    model's own weights (one device, DDP)."""
     tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with quiet_transformers():
-        model.save_pretrained(tmp)  # a PeftModel saves the adapter alone (adapter_config.json + adapter_model.safetensors)
+        # a PeftModel saves the adapter alone (adapter_config.json + adapter_model.safetensors)
+        if state is None:
+            model.save_pretrained(tmp)
+        else:
+            skeleton(model).save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
     if (work / "logs").exists():
         shutil.copytree(work / "logs", tmp / "logs")
@@ -228,6 +313,26 @@ def publish(model, tokenizer, root: Path, work: Path, manifest: dict) -> None:
     shutil.rmtree(root, ignore_errors=True)  # a dir without manifest (never complete)
     os.replace(tmp, root)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def skeleton(model):
+    """`model`'s structure on the meta device (no memory), without the FSDP wrappers that training left in it.
+
+    save_pretrained takes the weights from the state_dict it is given, but peft finds the adapter's entries
+    by walking the model's module names, which FSDP has changed (`..._fsdp_wrapped_module...`): saved from
+    the trained model, the adapter would be empty. The skeleton has the original names, the same peft
+    config (base, revision, target modules) and generation config."""
+    import copy
+
+    from peft import PeftModel, get_peft_model
+
+    hf = model.get_base_model() if isinstance(model, PeftModel) else model
+    with torch.device("meta"):
+        out = type(hf)._from_config(hf.config)
+    out.generation_config = copy.deepcopy(hf.generation_config)
+    if isinstance(model, PeftModel):
+        out = get_peft_model(out, copy.deepcopy(model.peft_config[model.active_adapter]))
+    return out
 
 
 def read_manifest(path: str | Path) -> dict | None:
