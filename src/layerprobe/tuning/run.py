@@ -34,6 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+from layerprobe.distributed import PROCESS_GROUP_TIMEOUT, is_fsdp
 from layerprobe.features.store import atomic_write_bytes, fingerprint
 from layerprobe.models.load import checkpoint_identity, check_checkpoint, quiet_transformers
 from layerprobe.models.prompting import load_tokenizer, make_spec
@@ -145,8 +146,6 @@ def fsdp_strategy(model, timeout=None) -> FSDPStrategy:
     """
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from layerprobe.distributed import PROCESS_GROUP_TIMEOUT
-
     layers = decoder_layer_classes(model)
     if not layers:
         raise TuningError(f"trainer.strategy=fsdp: {type(model).__name__} names no decoder-layer class (_no_split_modules), "
@@ -154,12 +153,6 @@ def fsdp_strategy(model, timeout=None) -> FSDPStrategy:
                           "its own auto_wrap_policy as trainer_cfg['strategy'] (Python API)")
     return FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy(layers), use_orig_params=True, state_dict_type="full",
                         timeout=timeout or PROCESS_GROUP_TIMEOUT)
-
-
-def _is_fsdp(strategy) -> bool:
-    from layerprobe.distributed import is_fsdp
-
-    return is_fsdp(strategy)
 
 
 def fit(module: CausalLMTuning, loader, max_steps: int, grad_accum: int, trainer_cfg: dict, precision: str,
@@ -182,7 +175,7 @@ def fit(module: CausalLMTuning, loader, max_steps: int, grad_accum: int, trainer
                                          save_on_train_epoch_end=False, enable_version_counter=False))
         ckpt, _ = resume_point(work)
     options = {k: trainer_cfg[k] for k in TRAINER_KEYS if k in trainer_cfg}
-    fsdp = _is_fsdp(options.get("strategy", "auto"))
+    fsdp = is_fsdp(options.get("strategy", "auto"))
     if fsdp and isinstance(options["strategy"], str):
         options["strategy"] = fsdp_strategy(module.model)
     if fsdp and ckpt:
