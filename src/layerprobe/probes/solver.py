@@ -92,16 +92,16 @@ class _Chunk:
 
     Parameters p: [L, K, C, d + 1] (weights, then the bias, per head and class)."""
 
-    def __init__(self, x, onehot, scale, wd, S, G, C, reduce):
+    def __init__(self, x, target, scale, wd, S, G, C, reduce):
         self.x = x  # [L, n, d] (any row stride)
         self.L, self.n, self.d = x.shape
         self.S, self.G, self.C, self.K = S, G, C, S * G
         self.M = self.K * C  # rows of the products: every (head, class)
-        self.scale, self.reduce = scale, reduce  # [K, n]: each row's weight / N[s] per head
-        # Logits are kept as [L, K, C, n]: the softmax sums run over C slabs of n contiguous
-        # rows (fast), not over a last dim of a few classes (~3x slower), and the gradient
-        # product r X needs no transpose.
-        self.target = onehot * scale.unsqueeze(1)  # [K, C, n]: the one-hot targets times the row weights
+        # scale [K, n]: each row's weight / N[s] per head; target [K, C, n]: the one-hot targets
+        # times scale. Logits are kept as [L, K, C, n]: the softmax sums run over C slabs of n
+        # contiguous rows (fast), not over a last dim of a few classes (~3x slower), and the
+        # gradient product r X needs no transpose.
+        self.scale, self.target, self.reduce = scale, target, reduce
         self.wd_values = wd
         self.wd = wd.repeat(S)  # [K]
         # 2 wd per (head, column) of the gradient: the weights are decayed, the bias is not
@@ -147,10 +147,9 @@ class _Chunk:
         smaller still, so standing in lam_r for them misjudges their curvature by at most 2x
         (the adaptive rank rule of Frangella, Tropp & Udell 2023). The rule reads the sketch's
         own estimate of lam_r, which is optimistic when the spectrum drops sharply right at r
-        (seen: features with a 256-dim latent, sketched at rank 256, took 40 iterations
-        where the exact preconditioner took 9); that costs
-        iterations, not accuracy. Past half of d the exact eigendecomposition is as cheap, and
-        is used instead.
+        (seen: features with a 256-dim latent, sketched at rank 256, took 40 iterations where
+        the exact preconditioner took 9); that costs iterations, not accuracy. Past half of d
+        the exact eigendecomposition is as cheap, and is used instead.
         """
         L, d, S, G, K, M = self.L, self.d, self.S, self.G, self.K, self.M
         sub = self.x[:, : min(rows, self.n)]
@@ -220,13 +219,14 @@ def _fit(x, y, w, wd, num_classes, reduce, max_iter, tol, history, precond_rows,
     wd = wd.to(x.dtype)
     w = w.to(x.dtype)
     scale = (w / reduce(w.sum(0)).clamp_min(1.0)).repeat_interleave(G, dim=1).T.contiguous()  # [K, n]
-    onehot = torch.nn.functional.one_hot(y, C).to(x.dtype).repeat_interleave(G, dim=1).permute(1, 2, 0).contiguous()  # [K, C, n]
+    onehot = torch.nn.functional.one_hot(y, C).to(x.dtype).repeat_interleave(G, dim=1).permute(1, 2, 0)  # [K, C, n]
+    target = (onehot * scale.unsqueeze(1)).contiguous()  # the same for every chunk: built once
     # every rank must cut the same chunks: size them from numbers all ranks share
     n_total = int(reduce(torch.tensor([float(n)], dtype=torch.float64, device=x.device)).item())
     per_chunk = max(1, chunk_bytes // max(1, n_total * d * x.element_size()))
     Ws, bs, losses, stops, ranks, iters = [], [], [], [], [], 0
     for start in range(0, L, per_chunk):
-        chunk = _Chunk(x[start : start + per_chunk], onehot, scale, wd, S, G, C, reduce)
+        chunk = _Chunk(x[start : start + per_chunk], target, scale, wd, S, G, C, reduce)
         precond, rank = chunk.preconditioner(precond_rows, precond_rank, eps)
         p, f, stopped, it = _lbfgs(chunk, max_iter, tol, history, precond)
         ranks.append(rank)
