@@ -75,6 +75,33 @@ def test_models_probed_together_match_probed_alone():
         assert metric(together, "tuned", layer, "accuracy") == metric(alone, "tuned", layer, "accuracy")
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_fit_frees_its_feature_copy_on_return(kind, monkeypatch):
+    """The Trainer and the DataModule reference each other; the standardized copy of a task's
+    features must still be freed when fit_probes returns, not whenever the cycle collector runs."""
+    import gc
+    import weakref
+
+    import layerprobe.probes.fit as fit_module
+
+    copies = []
+
+    class Watched(fit_module.CachedFeatureData):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            copies.extend(weakref.ref(rows.x) for rows in self.data.values())
+
+    monkeypatch.setattr(fit_module, "CachedFeatureData", Watched)
+    task, _ = synthetic_task()
+    gc.disable()  # as between two automatic collections
+    try:
+        fit_probes(task, {"base": layered_features(task)}, ProbeConfig(name=kind, max_epochs=2, mdl=False), TRAINER, seed=0)
+        alive = [ref() is not None for ref in copies]
+    finally:
+        gc.enable()
+    assert len(copies) == 3 and not any(alive)
+
+
 def test_stacked_heads_equal_independent_linear_layers():
     torch.manual_seed(0)
     heads = StackedHeads(num_layers=3, dim=5, num_heads=2, num_classes=4)

@@ -148,6 +148,7 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
             offset += len(layer_lists[role])
         if save_dir is not None and trainer.is_global_zero:  # one file, written by rank 0
             save_probe(module, save_dir / f"{task.name}__{'+'.join(roles)}.safetensors", task, roles, layer_lists)
+        data.release()
     return rows
 
 

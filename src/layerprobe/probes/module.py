@@ -121,6 +121,16 @@ class CachedFeatureData(L.LightningDataModule):
         self.data = {s: _Rows(split[s], torch.from_numpy(targets[split_idx[s]]),
                               pos.get(s, torch.full((len(rows[s]),), -1, dtype=torch.int64))) for s in split}
 
+    def release(self) -> None:
+        """Drop the feature tensors now. The Trainer and this DataModule reference each other,
+        so without this every task's features (a copy of its cache) would stay in memory until
+        Python's cycle collector happens to run: a sweep over many tasks would hold several
+        at once, and each new task would touch fresh memory instead of reusing the last one's.
+        The Trainer's loaders hold the row sets too, so the row sets themselves let go."""
+        for rows in self.data.values():
+            rows.x = rows.x.new_empty(0, 0, rows.x.shape[2])
+        self.data = {}
+
     def _eval_loader(self, split: str) -> DataLoader:
         rows = self.data[split]
         size = max(len(rows), 1) if self.full_batch else self.batch_size
