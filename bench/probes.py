@@ -8,7 +8,7 @@ layerprobe runs its default linear probe: full-batch L-BFGS of all 25 layers x 4
 decays at once inside the LightningModule, the weight decay chosen per layer on val
 (control task and MDL off: the baseline does neither). Prints per-layer accuracies of
 both, then a JSON line: ratio = sklearn time / our time (the median of 3 runs; target >= 30) at equal accuracy
-(mean shortfall <= 0.005, largest per-layer shortfall <= 0.02), and the machine load.
+(mean shortfall <= 0.005, largest per-layer shortfall <= 0.02), the machine load and the CPU.
 """
 from __future__ import annotations
 
@@ -42,6 +42,30 @@ def make_data(n=5000, layers=25, d=512, classes=4, latent=96, seed=0):
         feats[:, :3] = feats[:, :3] * 30 + 10
         x[:, layer] = feats
     return x, y
+
+
+def cpu_description() -> str:
+    """The CPU (model name, family and model number) and the widest vector ISA PyTorch uses:
+    the ratio depends on both (docs/probing.md, Speed). A VM's model name can be as short as
+    "AMD EPYC"; the family tells the generation (25: Zen 3 or 4)."""
+    import platform
+
+    import torch
+
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or "unknown CPU"
+    if "cpu family" in fields:
+        model += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
 
 
 def main():
@@ -89,7 +113,8 @@ def main():
                       "target": ">= 30 at equal accuracy", "equal_accuracy": equal, "baseline_s": round(baseline, 2),
                       "ours_s": round(ours, 2), "ours_runs_s": [round(t, 2) for t in runs], "max_acc_shortfall": round(max(gaps), 4),
                       "mean_acc_shortfall": round(float(np.mean(gaps)), 4), "n": n, "d": d, "layers": layers,
-                      "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}))
+                      "loadavg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                      "cpu": cpu_description()}))
 
 
 if __name__ == "__main__":
