@@ -56,9 +56,9 @@ def cpu_description() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                key, _, value = line.partition(":")
                 if not line.strip():
-                    break  # the first processor is enough
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
