@@ -4,6 +4,7 @@ here (loops, explicit centring matrices, textbook CCA), or against a known ident
 
 import math
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -591,6 +592,37 @@ def test_resampling_paths_agree(monkeypatch, feature_space):
     for r, f in zip(paired, flipped):
         for key in ("value", "ci_low", "ci_high", "null_mean", "p_value"):
             assert r[key] == pytest.approx(f[key], abs=1e-6), (r["measure"], key)
+
+
+def test_feature_space_resamples_are_each_index_sets_cka():
+    """The feature path evaluates a chunk of resamples per batched product: every half-sample
+    and permutation value must be the float64 reference CKA of exactly that index set, and a
+    constant layer stays NaN under resampling."""
+    from layerprobe.similarity.families import LinearCKA
+    from layerprobe.similarity.rows import Resamples, prepare_run
+
+    feats = _features(n=30, layers=2, d=3, seed=8)
+    feats["base"][:, 1] = 2.0  # a constant layer
+    cfg = SimilarityConfig(measures=["linear_cka", "debiased_cka"], bootstrap=7, permutations=5, seed=4, gram_dtype="float64")
+    run = prepare_run(feats, [("base", "tuned")], cfg)
+    res = Resamples(run.n, cfg, run.device)
+    fam = LinearCKA(cfg.measures, paired=True, feature_space=True, gram_dtype="float64")
+    x, y = feats["base"].astype(np.float64), feats["tuned"].astype(np.float64)
+    for layer in range(2):
+        pa, pb = (fam.prepare(run.model(role, [layer])) for role in ("base", "tuned"))
+        for subs, perms in ((res.subs[0], res.perms), (res.subs[1], [])):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SimilarityWarning)
+                boots, nulls = fam.evaluate_many(pa, pb, subs, perms)
+            for debiased in (False, True):
+                name = "debiased_cka" if debiased else "linear_cka"
+                assert boots[name].shape == (len(subs), 1)
+                for i, sub in enumerate(subs):
+                    want = np.nan if layer == 1 else ref_linear(x[sub, layer], y[sub, layer], debiased)
+                    np.testing.assert_allclose(float(boots[name][i, 0]), want, rtol=1e-10)
+                for i, perm in enumerate(perms):
+                    want = np.nan if layer == 1 else ref_linear(x[:, layer], y[perm, layer], debiased)
+                    np.testing.assert_allclose(float(nulls[name][i, 0]), want, rtol=1e-10)
 
 
 def test_half_sample_interval_tracks_sampling_spread():

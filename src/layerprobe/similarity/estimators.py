@@ -475,6 +475,25 @@ def feature_stats(xa: Sequence[torch.Tensor], xb: Sequence[torch.Tensor], paired
     return GramStats(n, cross, self_a, self_b, diag_a, diag_b, -diag_a, -diag_b, zero_a, zero_b, paired)
 
 
+def feature_stats_batched(xa: torch.Tensor, xb: torch.Tensor, raw_a: torch.Tensor, raw_b: torch.Tensor) -> GramStats:
+    """Paired GramStats of many matched feature sets at once: `feature_stats` (paired) over the
+    leading dims. xa [..., n, da], xb [..., n, db] (centred float64; broadcastable leading dims,
+    e.g. [L, resamples]), raw_a, raw_b: their raw sums of squares over those dims."""
+    n = xb.shape[-2]
+    diag_a, diag_b = (xa * xa).sum(-1), (xb * xb).sum(-1)
+
+    def frob2(x, y):
+        return (x.transpose(-1, -2) @ y).square().sum((-1, -2))
+
+    self_a = frob2(xa, xa) - (diag_a**2).sum(-1)
+    self_b = frob2(xb, xb) - (diag_b**2).sum(-1)
+    cross = frob2(xa, xb) - (diag_a * diag_b).sum(-1)
+    shape = cross.shape
+    diag_a, self_a = diag_a.expand(*shape, n), self_a.expand(shape)
+    zero_a, zero_b = zero_variance(diag_a.sum(-1), raw_a, n), zero_variance(diag_b.sum(-1), raw_b, n)
+    return GramStats(n, cross, self_a, self_b, diag_a, diag_b, -diag_a, -diag_b, zero_a, zero_b, paired=True)
+
+
 def feature_space_is_cheaper(n: int, da: int, db: int, la: int, lb: int, paired: bool, gram_dtype: str) -> bool:
     """Operation count of feature-space moments (float64) vs Gram blocks (gram_dtype)."""
     pairs = la if paired else la * lb

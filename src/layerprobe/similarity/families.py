@@ -6,7 +6,8 @@ permuted (null) without re-reading features where the maths allows:
 
 - `LinearCKA` (linear_cka, debiased_cka): Gram path keeps float32 centred features and,
   when resampling, the n x n Grams, so a resample is an index gather into those Grams; the
-  feature path (n >> d) keeps centred features and recomputes d x d moments.
+  feature path (n >> d) keeps centred features and recomputes d x d moments (matched
+  layers: a chunk of resamples per batched product).
 - `RbfCKA` (rbf_cka): stored RBF Grams; the bandwidth stays the full-sample one.
 - `Spectral` (svcca, pwcca, procrustes): thin SVD per layer; a permutation reorders U's rows.
 - `Knn` (mutual_knn): neighbour lists per layer; a permutation relabels them.
@@ -21,7 +22,8 @@ from typing import Optional
 import torch
 
 from ._arrays import read_layer
-from .estimators import DTYPES, GramStats, StoredGrams, centred_with_scale, feature_stats, gram_stats, linear_grams, rbf_grams
+from .estimators import (DTYPES, GramStats, StoredGrams, centred_with_scale, feature_stats, feature_stats_batched, gram_stats,
+                         linear_grams, rbf_grams)
 from .measures import PROCRUSTES_FORMS, Spectrum, knn_indices, mutual_knn_value, permuted_knn, procrustes_value, pwcca_value, spectrum, svcca_value
 
 
@@ -173,6 +175,35 @@ class LinearCKA(GramFamily):
     def stored(self, prepared) -> StoredGrams:
         return prepared.stored()
 
+    def evaluate_many(self, pa, pb, subs, perms):
+        if not (self.paired and self.feature_space):
+            return super().evaluate_many(pa, pb, subs, perms)
+        # matched layers in feature space: chunks of resamples as batched products, the same
+        # statistics as `evaluate` on each resample (feature_stats with leading batch dims)
+        xa, xb = _stacked(pa), _stacked(pb)
+        return self._feature_chunks(xa, xb, subs, half=True), self._feature_chunks(xa, xb, perms, half=False)
+
+    def _feature_chunks(self, xa, xb, index_sets, half: bool) -> dict:
+        if not index_sets:
+            return {}
+        (ca, raw_a), (cb, raw_b) = xa, xb
+        layers, m, da, db = ca.shape[0], len(index_sets[0]), ca.shape[2], cb.shape[2]
+        per_set = 8 * layers * (2 * m * (da + db) + da * da + db * db + da * db)  # float64 gathers and moments
+        chunk = max(1, int(self.CHUNK_BYTES // per_set))
+        parts = []
+        for s in range(0, len(index_sets), chunk):
+            idx = torch.stack(index_sets[s : s + chunk])  # [c, m]
+            if half:  # a half-sample of both models, each centred on its own mean
+                a, b = ca[:, idx], cb[:, idx]  # [L, c, m, d]
+                ra, rb = (a * a).sum((2, 3)), (b * b).sum((2, 3))
+                a, b = a - a.mean(2, keepdim=True), b - b.mean(2, keepdim=True)
+            else:  # model b's examples permuted: both stay centred
+                a, b = ca.unsqueeze(1), cb[:, idx]
+                ra, rb = raw_a.unsqueeze(1), raw_b.unsqueeze(1).expand(-1, idx.shape[0])
+            st = feature_stats_batched(a, b, ra, rb)
+            parts.append({k: v.expand(layers, idx.shape[0]).T for k, v in _stats_values(st, self.active)[0].items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
     def evaluate(self, pa, pb, sub=None, perm=None):
         if not self.feature_space:
             return self.evaluate_grams(pa, pb, sub, perm)
@@ -187,6 +218,14 @@ class LinearCKA(GramFamily):
 
 def _scales(parts):
     return torch.stack([s for _, s in parts])
+
+
+def _stacked(model: "Layers"):
+    """(centred float64 features [L, n, d], raw sums of squares [L]) of a model's layers, stacked once."""
+    if "stacked" not in model.cache:
+        parts = model.centred()
+        model.cache["stacked"] = (torch.stack([c for c, _ in parts]), _scales(parts))
+    return model.cache["stacked"]
 
 
 class RbfCKA(GramFamily):
