@@ -451,6 +451,11 @@ def gram_stats(src_a, src_b, paired: bool) -> GramStats:
     return GramStats(n, cross, self_a, self_b, src_a.diag, src_b.diag, rows_a, rows_b, src_a.zero, src_b.zero, paired)
 
 
+def _frob2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|X'Y|_F^2 over the last two dims (sum_{i,j} K_ij L_ij of the linear kernels), any leading dims."""
+    return (x.transpose(-1, -2) @ y).square().sum((-1, -2))
+
+
 def feature_stats(xa: Sequence[torch.Tensor], xb: Sequence[torch.Tensor], paired: bool, raw_a, raw_b) -> GramStats:
     """GramStats of linear kernels from centred float64 features, without forming n x n Grams.
 
@@ -460,16 +465,12 @@ def feature_stats(xa: Sequence[torch.Tensor], xb: Sequence[torch.Tensor], paired
     n = xa[0].shape[0]
     diag_a = torch.stack([(x * x).sum(1) for x in xa])
     diag_b = torch.stack([(y * y).sum(1) for y in xb])
-
-    def frob2(x, y):
-        return (x.T @ y).square().sum()
-
-    self_a = torch.stack([frob2(x, x) for x in xa]) - (diag_a**2).sum(1)
-    self_b = torch.stack([frob2(y, y) for y in xb]) - (diag_b**2).sum(1)
+    self_a = torch.stack([_frob2(x, x) for x in xa]) - (diag_a**2).sum(1)
+    self_b = torch.stack([_frob2(y, y) for y in xb]) - (diag_b**2).sum(1)
     if paired:
-        cross = torch.stack([frob2(x, y) for x, y in zip(xa, xb)]) - (diag_a * diag_b).sum(1)
+        cross = torch.stack([_frob2(x, y) for x, y in zip(xa, xb)]) - (diag_a * diag_b).sum(1)
     else:
-        cross = torch.stack([torch.stack([frob2(x, y) for y in xb]) for x in xa]) - diag_a @ diag_b.T
+        cross = torch.stack([torch.stack([_frob2(x, y) for y in xb]) for x in xa]) - diag_a @ diag_b.T
     zero_a = zero_variance(diag_a.sum(1), raw_a, n)
     zero_b = zero_variance(diag_b.sum(1), raw_b, n)
     return GramStats(n, cross, self_a, self_b, diag_a, diag_b, -diag_a, -diag_b, zero_a, zero_b, paired)
@@ -481,13 +482,9 @@ def feature_stats_batched(xa: torch.Tensor, xb: torch.Tensor, raw_a: torch.Tenso
     e.g. [L, resamples]), raw_a, raw_b: their raw sums of squares over those dims."""
     n = xb.shape[-2]
     diag_a, diag_b = (xa * xa).sum(-1), (xb * xb).sum(-1)
-
-    def frob2(x, y):
-        return (x.transpose(-1, -2) @ y).square().sum((-1, -2))
-
-    self_a = frob2(xa, xa) - (diag_a**2).sum(-1)
-    self_b = frob2(xb, xb) - (diag_b**2).sum(-1)
-    cross = frob2(xa, xb) - (diag_a * diag_b).sum(-1)
+    self_a = _frob2(xa, xa) - (diag_a**2).sum(-1)
+    self_b = _frob2(xb, xb) - (diag_b**2).sum(-1)
+    cross = _frob2(xa, xb) - (diag_a * diag_b).sum(-1)
     shape = cross.shape
     diag_a, self_a = diag_a.expand(*shape, n), self_a.expand(shape)
     zero_a, zero_b = zero_variance(diag_a.sum(-1), raw_a, n), zero_variance(diag_b.sum(-1), raw_b, n)

@@ -53,10 +53,13 @@ def _recentre(parts, sub):
     return out
 
 
+def _cka_values(st: GramStats, measures) -> dict:
+    return {m: st.cka(m == "debiased_cka") for m in measures}
+
+
 def _stats_values(st: GramStats, measures):
-    values = {m: st.cka(m == "debiased_cka") for m in measures}
-    nulls = {m: st.null_mean(m == "debiased_cka") for m in measures}
-    return values, nulls
+    """(CKA values, exact null means); resamples need only the values (`_cka_values`)."""
+    return _cka_values(st, measures), {m: st.null_mean(m == "debiased_cka") for m in measures}
 
 
 class Family:
@@ -108,7 +111,7 @@ class GramFamily(Family):
             return {}
         m = len(index_sets[0])
         chunk = max(1, int(self.CHUNK_BYTES // (24 * m * m)))
-        parts = [_stats_values(stats_of(torch.stack(index_sets[s : s + chunk])), self.active)[0] for s in range(0, len(index_sets), chunk)]
+        parts = [_cka_values(stats_of(torch.stack(index_sets[s : s + chunk])), self.active) for s in range(0, len(index_sets), chunk)]
         return {k: torch.cat([p[k] for p in parts])[:, None] for k in parts[0]}
 
 
@@ -201,7 +204,7 @@ class LinearCKA(GramFamily):
                 a, b = ca.unsqueeze(1), cb[:, idx]
                 ra, rb = raw_a.unsqueeze(1), raw_b.unsqueeze(1).expand(-1, idx.shape[0])
             st = feature_stats_batched(a, b, ra, rb)
-            parts.append({k: v.expand(layers, idx.shape[0]).T for k, v in _stats_values(st, self.active)[0].items()})
+            parts.append({k: v.T for k, v in _cka_values(st, self.active).items()})  # [L, c] -> [c, L]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def evaluate(self, pa, pb, sub=None, perm=None):
