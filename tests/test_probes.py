@@ -102,6 +102,39 @@ def test_fit_frees_its_feature_copy_on_return(kind, monkeypatch):
     assert len(copies) == 3 and not any(alive)
 
 
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_a_failed_fit_frees_its_feature_copy_too(kind, monkeypatch):
+    """A fit that raises (then caught in a notebook, or a sweep that goes on in one process)
+    frees the copy as well, although the exception's traceback still holds fit_probes' frame."""
+    import gc
+    import weakref
+
+    import layerprobe.probes.fit as fit_module
+
+    copies = []
+
+    class Watched(fit_module.CachedFeatureData):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            copies.extend(weakref.ref(rows.x) for rows in self.data.values())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("planted failure after the fit")
+
+    monkeypatch.setattr(fit_module, "CachedFeatureData", Watched)
+    monkeypatch.setattr(fit_module.ProbeModule, "train_statistics", fail)
+    task, _ = synthetic_task()
+    gc.disable()
+    try:
+        with pytest.raises(RuntimeError, match="planted failure") as caught:
+            fit_probes(task, {"base": layered_features(task)}, ProbeConfig(name=kind, max_epochs=2, mdl=False), TRAINER, seed=0)
+        alive = [ref() is not None for ref in copies]
+    finally:
+        gc.enable()
+    assert caught.tb is not None  # the frames stay referenced while the copies are checked
+    assert len(copies) == 3 and not any(alive)
+
+
 def test_stacked_heads_equal_independent_linear_layers():
     torch.manual_seed(0)
     heads = StackedHeads(num_layers=3, dim=5, num_heads=2, num_classes=4)

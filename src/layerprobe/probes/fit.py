@@ -107,22 +107,25 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
         L.seed_everything(seed, workers=True, verbose=False)
         data = CachedFeatureData(stacked, targets, split_idx, cfg.batch_size, positions, full_batch=cfg.name == "linear")
         del stacked
-        module = ProbeModule(data.mean.shape[0], dim, task.num_classes, len(variants), list(cfg.weight_decays),
-                             kind=cfg.name, hidden=cfg.hidden_size, lr=cfg.lr, patience=cfg.patience,
-                             mean=data.mean, std=data.std, mdl_prefixes=ends[:-1],
-                             solver_max_iter=cfg.solver_max_iter, solver_tol=cfg.solver_tol)
-        with quiet_lightning(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            trainer = make_trainer(trainer_cfg, [], progress=False, max_epochs=1 if module.full_batch else cfg.max_epochs,
-                                   num_sanity_val_steps=0, log_every_n_steps=1)
-            trainer.fit(module, datamodule=data)
-            trainer.test(module, datamodule=data, verbose=False)
-        if module.solver_info.get("unconverged"):
-            log.info("probes %s: %d (layer, head) fits stopped at probe.solver_max_iter=%d before reaching "
-                     "probe.solver_tol", task.name, module.solver_info["unconverged"], cfg.solver_max_iter)
-        res = module.results
-        train = module.train_statistics(data, ends)
+        try:  # a failed fit (in a notebook, or a sweep in one process) must not keep the features alive
+            module = ProbeModule(data.mean.shape[0], dim, task.num_classes, len(variants), list(cfg.weight_decays),
+                                 kind=cfg.name, hidden=cfg.hidden_size, lr=cfg.lr, patience=cfg.patience,
+                                 mean=data.mean, std=data.std, mdl_prefixes=ends[:-1],
+                                 solver_max_iter=cfg.solver_max_iter, solver_tol=cfg.solver_tol)
+            with quiet_lightning(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*configure_optimizers.*")
+                warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+                trainer = make_trainer(trainer_cfg, [], progress=False, max_epochs=1 if module.full_batch else cfg.max_epochs,
+                                       num_sanity_val_steps=0, log_every_n_steps=1)
+                trainer.fit(module, datamodule=data)
+                trainer.test(module, datamodule=data, verbose=False)
+            if module.solver_info.get("unconverged"):
+                log.info("probes %s: %d (layer, head) fits stopped at probe.solver_max_iter=%d before reaching "
+                         "probe.solver_tol", task.name, module.solver_info["unconverged"], cfg.solver_max_iter)
+            res = module.results
+            train = module.train_statistics(data, ends)
+        finally:
+            data.release()
         if ends:
             mdl = online_codelength(ends, task.num_classes, train["block_bits"].numpy())
             uniform = n_train * math.log2(task.num_classes)
@@ -148,7 +151,6 @@ def fit_probes(task: TaskData, features: dict[str, np.ndarray], cfg, trainer_cfg
             offset += len(layer_lists[role])
         if save_dir is not None and trainer.is_global_zero:  # one file, written by rank 0
             save_probe(module, save_dir / f"{task.name}__{'+'.join(roles)}.safetensors", task, roles, layer_lists)
-        data.release()
     return rows
 
 
