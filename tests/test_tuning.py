@@ -249,3 +249,45 @@ def test_two_cpu_ranks_equal_one_device(base, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in wa.items() if "lora_B" in k)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5)
+
+
+def test_step_bounded_fits_show_no_negative_last_epoch_or_logger_version(tmp_path):
+    """Lightning's own bar prints a fit bounded by max_steps (max_epochs=-1) as "Epoch 1/-2" and
+    adds the logger's "v_num"; the bar of the demo and tuning fits shows neither."""
+    import io
+
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from layerprobe.progress import StepsProgressBar
+
+    class Regression(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.layer(x), y)
+            self.log("loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def console_of(bar_class) -> str:
+        out = io.StringIO()
+        bar = bar_class(console_kwargs={"file": out, "force_terminal": True, "width": 200})
+        loader = DataLoader(TensorDataset(torch.randn(8, 3), torch.randn(8, 1)), batch_size=4)
+        trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, callbacks=[bar], logger=CSVLogger(tmp_path),
+                            enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
+        trainer.fit(Regression(), loader)
+        assert trainer.global_step == 5  # 2 batches an epoch: the fit ends in its third epoch, as max_steps says
+        return out.getvalue()
+
+    stock, ours = console_of(RichProgressBar), console_of(StepsProgressBar)
+    assert "/-2" in stock and "v_num" in stock  # what a user saw before
+    assert "Epoch 2" in ours and "loss" in ours
+    assert "/-2" not in ours and "v_num" not in ours

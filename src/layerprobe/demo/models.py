@@ -30,6 +30,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from layerprobe.models.load import quiet_transformers
+from layerprobe.progress import StepsProgressBar
 from layerprobe.tuning.data import SFTExamples
 from layerprobe.tuning.module import CausalLMTuning
 from layerprobe.tasks.demo import DEMO_TASKS, demo_examples, knowledge_texts, render
@@ -76,7 +77,7 @@ def _train(model, dataset: SFTExamples, steps: int, cfg, lr_scale=None, desc: st
                             lr_scale=lr_scale)
     log.info("demo model: %s (%d steps)", desc, steps)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, log_every_n_steps=10)
+                        enable_model_summary=False, log_every_n_steps=10, callbacks=[StepsProgressBar()])
     trainer.fit(module, loader)
     return float(trainer.callback_metrics.get("loss", torch.tensor(float("nan"))))
 

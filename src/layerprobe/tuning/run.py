@@ -167,6 +167,8 @@ def fit(module: CausalLMTuning, loader, max_steps: int, grad_accum: int, trainer
     rank's model then holds only its shard; without FSDP `module.full_state` is None."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from layerprobe.progress import StepsProgressBar
+
     callbacks, ckpt = [], None
     if work is not None:
         ckpt_dir = work / "checkpoints"
@@ -185,8 +187,9 @@ def fit(module: CausalLMTuning, loader, max_steps: int, grad_accum: int, trainer
         missing = module.trained_names() - set(saved)
         if missing:
             raise RuntimeError(f"resume checkpoint {ckpt} lacks trained parameters, e.g. {sorted(missing)[:3]}")
+    bar = [StepsProgressBar()] if progress else []  # Lightning refuses a bar callback with enable_progress_bar=False
     trainer = L.Trainer(max_epochs=-1, max_steps=max_steps, accumulate_grad_batches=grad_accum, precision=precision,
-                        logger=logger, callbacks=callbacks, enable_checkpointing=bool(callbacks), enable_model_summary=False,
+                        logger=logger, callbacks=callbacks + bar, enable_checkpointing=bool(callbacks), enable_model_summary=False,
                         use_distributed_sampler=False, log_every_n_steps=log_every_n_steps, enable_progress_bar=progress,
                         num_sanity_val_steps=0, **options)
     if ckpt:
