@@ -9,6 +9,7 @@ class StepsProgressBar(RichProgressBar):
       before it already say how far the fit is;
     - "v_num: 0": the logger's version number (Lightning's documented get_metrics override)."""
 
+    # a private hook of RichProgressBar: were it renamed, the stock description would come back, nothing breaks
     def _get_train_description(self, current_epoch: int) -> str:
         if self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
             return f"Epoch {current_epoch}"
