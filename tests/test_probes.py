@@ -75,37 +75,13 @@ def test_models_probed_together_match_probed_alone():
         assert metric(together, "tuned", layer, "accuracy") == metric(alone, "tuned", layer, "accuracy")
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["returns", "raises"])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_fit_frees_its_feature_copy_on_return(kind, monkeypatch):
+def test_fit_frees_its_feature_copy_when_it_returns_or_raises(kind, fails, monkeypatch):
     """The Trainer and the DataModule reference each other; the standardized copy of a task's
-    features must still be freed when fit_probes returns, not whenever the cycle collector runs."""
-    import gc
-    import weakref
-
-    import layerprobe.probes.fit as fit_module
-
-    copies = []
-
-    class Watched(fit_module.CachedFeatureData):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            copies.extend(weakref.ref(rows.x) for rows in self.data.values())
-
-    monkeypatch.setattr(fit_module, "CachedFeatureData", Watched)
-    task, _ = synthetic_task()
-    gc.disable()  # as between two automatic collections
-    try:
-        fit_probes(task, {"base": layered_features(task)}, ProbeConfig(name=kind, max_epochs=2, mdl=False), TRAINER, seed=0)
-        alive = [ref() is not None for ref in copies]
-    finally:
-        gc.enable()
-    assert len(copies) == 3 and not any(alive)
-
-
-@pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_a_failed_fit_frees_its_feature_copy_too(kind, monkeypatch):
-    """A fit that raises (then caught in a notebook, or a sweep that goes on in one process)
-    frees the copy as well, although the exception's traceback still holds fit_probes' frame."""
+    features must still be freed when fit_probes returns, not whenever the cycle collector runs.
+    So must it when the fit raises (then caught in a notebook, or by a sweep that goes on in one
+    process), although the exception's traceback still holds fit_probes' frame."""
     import gc
     import weakref
 
@@ -122,16 +98,24 @@ def test_a_failed_fit_frees_its_feature_copy_too(kind, monkeypatch):
         raise RuntimeError("planted failure after the fit")
 
     monkeypatch.setattr(fit_module, "CachedFeatureData", Watched)
-    monkeypatch.setattr(fit_module.ProbeModule, "train_statistics", fail)
+    if fails:
+        monkeypatch.setattr(fit_module.ProbeModule, "train_statistics", fail)
     task, _ = synthetic_task()
-    gc.disable()
+
+    def fit():
+        fit_probes(task, {"base": layered_features(task)}, ProbeConfig(name=kind, max_epochs=2, mdl=False), TRAINER, seed=0)
+
+    gc.disable()  # as between two automatic collections
     try:
-        with pytest.raises(RuntimeError, match="planted failure") as caught:
-            fit_probes(task, {"base": layered_features(task)}, ProbeConfig(name=kind, max_epochs=2, mdl=False), TRAINER, seed=0)
+        if fails:
+            with pytest.raises(RuntimeError, match="planted failure") as caught:
+                fit()
+            assert caught.tb is not None  # the frames stay referenced while the copies are checked
+        else:
+            fit()
         alive = [ref() is not None for ref in copies]
     finally:
         gc.enable()
-    assert caught.tb is not None  # the frames stay referenced while the copies are checked
     assert len(copies) == 3 and not any(alive)
 
 
